@@ -1,0 +1,1 @@
+"""onnx-spectral: post-training structured pruning of ONNX models by spectral pruning."""

@@ -1,0 +1,194 @@
+"""Channel groups: which channels can be removed together, and which groups are frozen.
+
+One walk over the normalized graph in topological order. Producers create groups, channel-wise
+ops pass them on, couplings merge them (union-find), sinks register the taps whose statistics
+calibration gathers, and anything the handlers cannot prove safe freezes the group with a
+reason. An op without a handler freezes every group that reaches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx
+
+from .errors import OptionsError
+from .graph import GraphIndex, normalize
+from .ops import handler_for
+from .ops.base import ChannelState, Member, Plain, Role, SinkUse
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A tensor whose channel statistics are gathered, with the sinks that read it.
+
+    `axis` is the channel axis of `tensor`; `channels` its size m.
+    """
+
+    tensor: str
+    axis: int
+    channels: int
+    sinks: tuple[SinkUse, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels 0..channels-1 shared by every tensor in `tensors`."""
+
+    id: int
+    channels: int
+    producers: tuple[str, ...]
+    members: tuple[Member, ...]
+    taps: tuple[Tap, ...]
+    tensors: tuple[str, ...]
+    frozen: tuple[str, ...]
+    """Why the group must be kept whole; empty when it is prunable."""
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The groups of a normalized model; every name refers to `graph.model`."""
+
+    graph: GraphIndex
+    groups: tuple[ChannelGroup, ...]
+
+    @property
+    def prunable(self) -> tuple[ChannelGroup, ...]:
+        return tuple(group for group in self.groups if group.prunable)
+
+    @property
+    def taps(self) -> tuple[Tap, ...]:
+        """The taps of every prunable group, each tensor once."""
+        return tuple(tap for group in self.prunable for tap in group.taps)
+
+
+@dataclass
+class _GroupRecord:
+    channels: int
+    producers: list[str] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    sinks: list[SinkUse] = field(default_factory=list)
+    tensors: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+
+
+class _Context:
+    """The AnalysisContext handlers talk to: states, union-find over groups, records."""
+
+    def __init__(self, graph: GraphIndex) -> None:
+        self.graph = graph
+        self._states: dict[str, ChannelState] = {}
+        self._parent: list[int] = []
+        self._records: dict[int, _GroupRecord] = {}
+
+    def find(self, group: int) -> int:
+        root = group
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[group] != root:
+            self._parent[group], group = root, self._parent[group]
+        return root
+
+    def state(self, tensor: str) -> ChannelState | None:
+        return self._states.get(tensor)
+
+    def set_state(self, tensor: str, state: ChannelState) -> None:
+        self._states[tensor] = state
+        self._records[self.find(state.group)].tensors.append(tensor)
+
+    def new_group(self, producer: str, size: int, tensor: str, axis: int, rank: int) -> int:
+        group = len(self._parent)
+        self._parent.append(group)
+        self._records[group] = _GroupRecord(size, producers=[producer],
+                                            members=[Member(producer, Role.PRODUCER, axis)])
+        self.set_state(tensor, Plain(group, axis, rank))
+        return group
+
+    def union(self, first: int, second: int, tensor: str) -> int:
+        first, second = self.find(first), self.find(second)
+        if first == second:
+            return first
+        keep, gone = min(first, second), max(first, second)
+        self._parent[gone] = keep
+        kept, merged = self._records[keep], self._records.pop(gone)
+        kept.producers += merged.producers
+        kept.members += merged.members
+        kept.sinks += merged.sinks
+        kept.tensors += merged.tensors
+        kept.frozen += merged.frozen
+        return keep
+
+    def freeze(self, group: int, reason: str) -> None:
+        record = self._records[self.find(group)]
+        if reason not in record.frozen:
+            record.frozen.append(reason)
+
+    def add_member(self, group: int, member: Member) -> None:
+        self._records[self.find(group)].members.append(member)
+
+    def add_sink(self, group: int, sink: SinkUse) -> None:
+        self._records[self.find(group)].sinks.append(sink)
+
+    def groups(self) -> tuple[ChannelGroup, ...]:
+        groups = []
+        for group_id, record in sorted(self._records.items()):
+            frozen = list(record.frozen)
+            if not record.sinks and not frozen:
+                frozen.append("no linear layer reads these channels (nothing absorbs a "
+                              "reconstruction)")
+            groups.append(ChannelGroup(
+                id=group_id,
+                channels=record.channels,
+                producers=tuple(record.producers),
+                members=tuple(dict.fromkeys(record.members)),
+                taps=_taps(record.sinks, record.channels),
+                tensors=tuple(dict.fromkeys(record.tensors)),
+                frozen=tuple(frozen),
+            ))
+        return tuple(groups)
+
+
+def _taps(sinks: Iterable[SinkUse], channels: int) -> tuple[Tap, ...]:
+    by_tensor: dict[str, list[SinkUse]] = {}
+    for sink in sinks:
+        by_tensor.setdefault(sink.tap, []).append(sink)
+    return tuple(
+        Tap(tensor, uses[0].tap_axis, channels, tuple(uses)) for tensor, uses in by_tensor.items()
+    )
+
+
+def analyze(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> Analysis:
+    """Channel groups of `model` (normalized first; the caller's model is not modified).
+
+    `exclude` names producer nodes whose groups the user wants kept whole.
+    """
+    graph = GraphIndex(normalize(model))
+    excluded = set(exclude)
+    unknown = sorted(excluded - set(graph.nodes_by_name))
+    if unknown:
+        raise OptionsError(f"--exclude names nodes that are not in the model: {unknown}; "
+                           "`onnx-spectral analyze` lists the producer node names")
+    ctx = _Context(graph)
+    for node in graph.nodes:
+        handler = handler_for(node.op_type, node.domain)
+        if handler is not None:
+            handler.analyze(node, ctx)
+            continue
+        for name in node.input:
+            state = ctx.state(name) if name else None
+            if state is not None:
+                ctx.freeze(state.group, f"read by {node.op_type} node '{node.name}', an op "
+                                        "onnx-spectral has no handler for")
+    for name in graph.graph_outputs:
+        state = ctx.state(name)
+        if state is not None:
+            ctx.freeze(state.group, f"tensor '{name}' is a graph output (its shape must stay)")
+    for group in ctx.groups():
+        for producer in excluded.intersection(group.producers):
+            ctx.freeze(group.id, f"producer '{producer}' excluded by the user")
+    return Analysis(graph, ctx.groups())

@@ -1,0 +1,272 @@
+"""Loading, normalizing and indexing an ONNX graph.
+
+`load_model` reads and validates a model; `normalize` returns a copy in which every node has a
+unique name, every constant (initializer, `Constant` node, or a subgraph computed only from
+constants, such as the `pads` chains torch's exporter writes) is an initializer, and shapes are
+inferred. `GraphIndex` answers the questions the analysis asks: who produces a tensor, who
+consumes it, its static shape, and its constant value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+from .errors import GraphError, ModelError
+
+Dim = int | None
+"""A static dimension, or None when it is symbolic or unknown."""
+
+_NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+     "Bernoulli"}
+)
+_MAX_FOLDED_ELEMENTS = 1 << 26
+
+
+def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Read a model from a path (or copy a ModelProto) and run the ONNX checker on it."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ModelError(f"model file '{path}' does not exist (expected an .onnx file)")
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # onnx raises DecodeError, OSError, ...
+            raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"the input model fails the ONNX checker: {exc}") from exc
+    return model
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ModelError("the model imports no default-domain (ai.onnx) opset")
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` with named nodes, constants folded into initializers and shapes inferred.
+
+    The caller's model is not modified.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _name_nodes(work.graph)
+    _fold_constants(work)
+    return infer_shapes(work)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop stale value_info and rerun strict ONNX shape inference with data propagation."""
+    del model.graph.value_info[:]
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+def _fold_constants(model: onnx.ModelProto) -> None:
+    """Evaluate every node computed only from constants; its outputs become initializers."""
+    graph = model.graph
+    opset = opset_version(model)
+    graph_inputs = {value.name for value in graph.input}
+    constants = {
+        init.name: numpy_helper.to_array(init)
+        for init in graph.initializer
+        if init.name not in graph_inputs
+    }
+    static_shapes = _static_shapes(model)
+    kept_nodes = []
+    for node in graph.node:
+        values = _evaluate_if_constant(node, constants, static_shapes, opset)
+        if values is None:
+            kept_nodes.append(node)
+            continue
+        for name, value in zip(node.output, values, strict=True):
+            constants[name] = value
+            graph.initializer.append(numpy_helper.from_array(value, name))
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    _drop_unused_initializers(graph)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Fully static shapes of the tensors shape inference can tell, for folding `Shape` nodes."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # folding Shape is an optimisation: without inference, skip it
+        return {}
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = tensor_dims(value)
+        if dims is not None and all(d is not None for d in dims):
+            shapes[value.name] = tuple(int(d) for d in dims if d is not None)
+    return shapes
+
+
+def _evaluate_if_constant(
+    node: onnx.NodeProto,
+    constants: Mapping[str, np.ndarray],
+    static_shapes: Mapping[str, tuple[int, ...]],
+    opset: int,
+) -> list[np.ndarray] | None:
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC_OPS:
+        return None
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for attr in node.attribute):
+        return None
+    if node.op_type == "Shape" and node.input[0] in static_shapes:
+        return [_shape_value(node, static_shapes[node.input[0]])]
+    inputs = [name for name in node.input if name]
+    if not all(name in constants for name in inputs):
+        return None
+    feeds = {name: constants[name] for name in inputs}
+    if sum(value.size for value in feeds.values()) > _MAX_FOLDED_ELEMENTS:
+        return None
+    try:
+        evaluator = ReferenceEvaluator(_single_node_model(node, feeds, opset))
+        results = evaluator.run(None, feeds)
+    except Exception:  # an op the reference cannot run stays in the graph, unfolded
+        return None
+    if any(np.asarray(value).size > _MAX_FOLDED_ELEMENTS for value in results):
+        return None
+    return [np.asarray(value) for value in results]
+
+
+def _shape_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+    start = int(attrs.get("start", 0))
+    end = attrs.get("end")
+    return np.array(shape[start:None if end is None else int(end)], dtype=np.int64)
+
+
+def _single_node_model(
+    node: onnx.NodeProto, feeds: Mapping[str, np.ndarray], opset: int
+) -> onnx.ModelProto:
+    inputs = [
+        helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape
+        )
+        for name, value in feeds.items()
+    ]
+    outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    used |= {value.name for value in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def tensor_dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    """Dimensions of a tensor value_info, None entries for symbolic dims; None if rank unknown."""
+    if not value.type.HasField("tensor_type"):
+        return None
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        int(dim.dim_value) if dim.HasField("dim_value") else None
+        for dim in tensor_type.shape.dim
+    )
+
+
+@dataclass
+class GraphIndex:
+    """Read-only index over a normalized model (see `normalize`)."""
+
+    model: onnx.ModelProto
+    constants: dict[str, np.ndarray] = field(init=False)
+    producers: dict[str, onnx.NodeProto] = field(init=False)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(init=False)
+    shapes: dict[str, tuple[Dim, ...]] = field(init=False)
+    nodes_by_name: dict[str, onnx.NodeProto] = field(init=False)
+    graph_outputs: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        graph_inputs = {value.name for value in graph.input}
+        self.constants = {
+            init.name: numpy_helper.to_array(init)
+            for init in graph.initializer
+            if init.name not in graph_inputs
+        }
+        self.producers = {}
+        self.consumers = {}
+        self.nodes_by_name = {}
+        for node in graph.node:
+            self.nodes_by_name[node.name] = node
+            for name in node.output:
+                if name:
+                    self.producers[name] = node
+            for position, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, position))
+        self.shapes = {}
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            dims = tensor_dims(value)
+            if dims is not None:
+                self.shapes[value.name] = dims
+        self.graph_outputs = frozenset(value.name for value in graph.output)
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        """Nodes in the model's (topological) order."""
+        return list(self.model.graph.node)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor, None for an activation or an absent optional input."""
+        if not name:
+            return None
+        return self.constants.get(name)
+
+    def input_constant(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+        """Constant value of a node's input at `position`, None if absent or not constant."""
+        if position >= len(node.input):
+            return None
+        return self.constant(node.input[position])
+
+    def rank(self, tensor: str) -> int | None:
+        dims = self.shapes.get(tensor)
+        return None if dims is None else len(dims)
+
+    def static_shape(self, tensor: str, node: str | None = None) -> tuple[Dim, ...]:
+        """Shape of `tensor`; raises GraphError when shape inference could not tell its rank."""
+        dims = self.shapes.get(tensor)
+        if dims is None:
+            raise GraphError("shape inference gives no shape for this tensor", node=node,
+                             tensor=tensor)
+        return dims
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes as plain Python values."""
+    return {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}

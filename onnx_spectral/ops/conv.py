@@ -1,0 +1,91 @@
+"""Conv: a producer and a sink when dense (group == 1); channel-wise when depthwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex, attributes
+from .base import (
+    AnalysisContext,
+    Editor,
+    Member,
+    Plain,
+    Role,
+    SinkUse,
+    fold_input_channels,
+    freeze_inputs,
+)
+
+
+def _kind(weight: np.ndarray, group: int) -> str:
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    if group == 1:
+        return "dense"
+    if in_per_group == 1 and out_channels == group:
+        return "depthwise"
+    return "grouped"
+
+
+class ConvHandler:
+    """Conv with a constant weight [M, C/g, k...] and optional bias [M]."""
+
+    op_types = ("Conv",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        weight = ctx.graph.input_constant(node, 1)
+        bias_name = node.input[2] if len(node.input) > 2 else ""
+        if weight is None or (bias_name and ctx.graph.constant(bias_name) is None):
+            freeze_inputs(node, ctx, "Conv weight or bias is not a constant")
+            return
+        group = int(attributes(node).get("group", 1))  # type: ignore[call-overload]
+        kind = _kind(weight, group)
+        state = ctx.state(node.input[0])
+        output = node.output[0]
+        rank = weight.ndim
+        if kind == "depthwise":
+            if isinstance(state, Plain) and state.axis == 1:
+                ctx.add_member(state.group, Member(node.name, Role.CHANNELWISE, 1))
+                ctx.set_state(output, state)
+            elif state is not None:
+                ctx.freeze(state.group, f"depthwise Conv '{node.name}' reads the group "
+                                        "on an axis other than 1")
+            return
+        if kind == "grouped":
+            freeze_inputs(node, ctx, f"grouped Conv (group={group}) that is not depthwise")
+            return
+        if isinstance(state, Plain) and state.axis == 1:
+            ctx.add_sink(state.group, SinkUse(node.name, 0, node.input[0], 1))
+        elif state is not None:
+            ctx.freeze(state.group, f"Conv '{node.name}' reads the group through a layout "
+                                    "change it cannot follow")
+        ctx.new_group(node.name, int(weight.shape[0]), output, axis=1, rank=rank)
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        weight = editor.input_value(node, 1)
+        assert weight is not None
+        editor.set_input_value(node, 1, weight[kept])
+        bias = editor.input_value(node, 2)
+        if bias is not None:
+            editor.set_input_value(node, 2, bias[kept])
+        if member.role is Role.CHANNELWISE:
+            editor.set_attribute(node, "group", int(kept.size))
+
+    def output_rows(self, node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
+        weight = graph.input_constant(node, 1)
+        assert weight is not None
+        return weight
+
+    def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
+                  graph: GraphIndex) -> np.ndarray:
+        weight = graph.input_constant(node, 1)
+        assert weight is not None
+        taps = weight.astype(np.float64).reshape(weight.shape[0], weight.shape[1], -1)
+        return np.einsum("oct,odt->cd", taps, taps)
+
+    def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
+             kept: np.ndarray, editor: Editor) -> None:
+        weight = editor.input_value(node, 1)
+        assert weight is not None
+        editor.set_input_value(node, 1, fold_input_channels(weight, reconstruction, axis=1))

@@ -1,0 +1,237 @@
+"""Layout ops (Flatten, Reshape, Transpose, Squeeze, Unsqueeze): where do the channels go?
+
+Nothing is assumed about exporters' layouts. The channel -> element map of a layout chain is
+derived by pushing index arrays (each element holds its channel, its source position and its
+sample number) through the chain's ops with NumPy. When the channels end up along one axis in
+order, the tensor is `Plain` again; otherwise it stays `Mapped` and only a flattened linear sink
+(or more layout ops) may read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..graph import Dim, GraphIndex, attributes
+from .base import (
+    AnalysisContext,
+    ChannelState,
+    Editor,
+    FeatureMap,
+    Mapped,
+    Member,
+    NoWeights,
+    Plain,
+    Role,
+)
+
+IndexArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(channel, position, sample) arrays of one shape: see `Mapped`."""
+
+SAMPLES_FOR_INDEX = 2
+"""Samples put on a dynamic sample axis while simulating, so that mixing samples shows."""
+
+
+class LayoutError(ValueError):
+    """The layout op cannot be followed (message says why)."""
+
+
+def index_arrays(shape: Sequence[Dim], axis: int, channels: np.ndarray) -> IndexArrays:
+    """Index arrays of a Plain tensor of `shape` whose axis `axis` holds `channels` ([C])."""
+    samples = shape[0] if shape[0] is not None else SAMPLES_FOR_INDEX
+    dims = [samples, *shape[1:]]
+    dims[axis] = channels.size
+    if any(d is None for d in dims):
+        raise LayoutError(f"its shape {tuple(shape)} has dynamic non-sample dimensions")
+    full = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    grid = np.indices(full, dtype=np.int64)
+    channel = channels[grid[axis]]
+    rest = [i for i in range(1, len(full)) if i != axis]
+    position = np.zeros(full, dtype=np.int64)
+    for i in rest:
+        position = position * full[i] + grid[i]
+    return channel, position, grid[0]
+
+
+def _axes(node: onnx.NodeProto, values: Sequence[np.ndarray | None]) -> list[int] | None:
+    attrs = attributes(node)
+    if "axes" in attrs:
+        return [int(a) for a in attrs["axes"]]  # type: ignore[attr-defined]
+    if len(values) > 1 and values[1] is not None:
+        return [int(a) for a in values[1]]
+    return None
+
+
+def _reshape_target(node: onnx.NodeProto, shape: np.ndarray, source: tuple[int, ...]) -> list[int]:
+    allow_zero = int(attributes(node).get("allowzero", 0))  # type: ignore[call-overload]
+    target = [int(d) for d in shape]
+    if not allow_zero:
+        target = [source[i] if d == 0 else d for i, d in enumerate(target)]
+    return target
+
+
+def apply_layout(node: onnx.NodeProto, arrays: IndexArrays,
+                 values: Sequence[np.ndarray | None]) -> IndexArrays:
+    """Push index arrays through one layout node; `values` are its inputs' constant values."""
+    op = node.op_type
+    transform: Callable[[np.ndarray], np.ndarray]
+    shape = arrays[0].shape
+    if op == "Flatten":
+        axis = int(attributes(node).get("axis", 1))  # type: ignore[call-overload]
+        axis = axis + len(shape) if axis < 0 else axis
+        outer = int(np.prod(shape[:axis]))
+        transform = lambda a: a.reshape(outer, -1)  # noqa: E731
+    elif op == "Reshape":
+        target_value = values[1] if len(values) > 1 else None
+        if target_value is None:
+            raise LayoutError("its target shape is not a constant")
+        target = _reshape_target(node, target_value, shape)
+        transform = lambda a: a.reshape(target)  # noqa: E731
+    elif op == "Transpose":
+        perm = attributes(node).get("perm")
+        transform = lambda a: np.transpose(a, perm)  # type: ignore[arg-type]  # noqa: E731
+    elif op in ("Squeeze", "Unsqueeze"):
+        axes = _axes(node, values)
+        if op == "Squeeze":
+            squeeze_axes = tuple(axes) if axes is not None else None
+            transform = lambda a: np.squeeze(a, axis=squeeze_axes)  # noqa: E731
+        else:
+            if axes is None:
+                raise LayoutError("its axes are not constant")
+            transform = lambda a: np.expand_dims(a, tuple(axes))  # noqa: E731
+    else:
+        raise LayoutError(f"{op} is not a layout op")
+    try:
+        return transform(arrays[0]), transform(arrays[1]), transform(arrays[2])
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from exc
+
+
+def plain_axis(arrays: IndexArrays, channels: np.ndarray) -> int | None:
+    """The axis holding the channels in order, or None when they are scattered."""
+    channel = arrays[0]
+    varying = [axis for axis in range(channel.ndim)
+               if channel.shape[axis] > 1 and np.any(np.diff(channel, axis=axis) != 0)]
+    if len(varying) != 1:
+        return None
+    axis = varying[0]
+    along = np.moveaxis(channel, axis, -1).reshape(-1, channel.shape[axis])
+    if channel.shape[axis] != channels.size or np.any(along != channels):
+        return None
+    return axis
+
+
+def scaled_shape_entry(node: onnx.NodeProto, arrays_out: IndexArrays, shape_value: np.ndarray,
+                       channels: int) -> int | None:
+    """Entry of a Reshape's target shape that holds a multiple of the channel count.
+
+    Returns None when no entry needs rewriting (the channel-carrying axis is given as -1 or 0).
+    Raises LayoutError when the channels spread over several axes or the entry is not a
+    multiple of the channel count.
+    """
+    channel, _, sample = arrays_out
+    carrying = [axis for axis in range(channel.ndim)
+                if channel.shape[axis] > 1 and np.any(np.diff(channel, axis=axis) != 0)]
+    if len(carrying) != 1:
+        raise LayoutError("it spreads the channels over several axes")
+    axis = carrying[0]
+    if np.any(np.diff(sample, axis=axis) != 0):
+        raise LayoutError("it mixes the sample axis with the channel axis")
+    entry = int(shape_value[axis])
+    if entry in (-1, 0):
+        return None
+    if entry % channels:
+        raise LayoutError(f"its shape entry {entry} is not a multiple of {channels} channels")
+    return axis
+
+
+def rewritten_shape(shape_value: np.ndarray, entry: int, channels: int, kept: int) -> np.ndarray:
+    """A Reshape target with entry `entry` scaled from `channels` to `kept` channels."""
+    new = shape_value.copy()
+    new[entry] = shape_value[entry] // channels * kept
+    return new
+
+
+def simulate_chain(graph: GraphIndex, source: str, source_axis: int, chain: Sequence[str],
+                   channels: np.ndarray,
+                   shape_values: Callable[[onnx.NodeProto], Sequence[np.ndarray | None]],
+                   ) -> IndexArrays:
+    """Index arrays at the end of `chain` when `source` carries `channels` ([k]) on its axis."""
+    arrays = index_arrays(graph.static_shape(source), source_axis, channels)
+    for name in chain:
+        node = graph.nodes_by_name[name]
+        arrays = apply_layout(node, arrays, shape_values(node))
+    return arrays
+
+
+def sink_feature_map(state: Mapped, sink_name: str) -> FeatureMap:
+    """The feature map of a 2-D flattened sink input [samples, F]; LayoutError if not clean."""
+    channel, position, sample = state.channel, state.position, state.sample
+    if channel.ndim != 2:
+        raise LayoutError(f"the sink '{sink_name}' reads a rank-{channel.ndim} scattered "
+                          "tensor; only a 2-D [samples, features] input is supported")
+    if np.any(sample != np.arange(sample.shape[0])[:, None]):
+        raise LayoutError("the layout mixes samples into the features")
+    if np.any(channel != channel[:1]) or np.any(position != position[:1]):
+        raise LayoutError("the feature layout differs between samples")
+    feature_channel, feature_position = channel[0], position[0]
+    pairs = feature_channel * (int(feature_position.max()) + 1) + feature_position
+    channels = np.unique(feature_channel).size
+    positions = np.unique(feature_position).size
+    if np.unique(pairs).size != pairs.size or pairs.size != channels * positions:
+        raise LayoutError("the features are not a clean partition by channel and position")
+    return FeatureMap(state.chain, feature_channel, feature_position)
+
+
+class LayoutHandler(NoWeights):
+    """Flatten, Reshape, Transpose, Squeeze and Unsqueeze."""
+
+    op_types = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        state = ctx.state(node.input[0])
+        if state is None:
+            return
+        values = [ctx.graph.constant(name) for name in node.input]
+        try:
+            arrays, source, source_axis, chain = self._start(state, node, ctx.graph)
+            channels = int(arrays[0].max()) + 1
+            arrays_out = apply_layout(node, arrays, values)
+            if node.op_type == "Reshape":
+                entry = scaled_shape_entry(node, arrays_out, values[1], channels)  # type: ignore[arg-type]
+                if entry is not None:
+                    ctx.add_member(state.group, Member(node.name, Role.LAYOUT, entry))
+        except LayoutError as exc:
+            ctx.freeze(state.group, f"{node.op_type} '{node.name}' moves the channel axis in a "
+                                    f"way that cannot be followed: {exc}")
+            return
+        output = node.output[0]
+        axis = plain_axis(arrays_out, np.arange(channels))
+        new_state: ChannelState
+        if axis is not None:
+            new_state = Plain(state.group, axis, arrays_out[0].ndim)
+        else:
+            new_state = Mapped(state.group, source, source_axis, (*chain, node.name), *arrays_out)
+        ctx.set_state(output, new_state)
+
+    @staticmethod
+    def _start(state: ChannelState, node: onnx.NodeProto, graph: GraphIndex
+               ) -> tuple[IndexArrays, str, int, tuple[str, ...]]:
+        if isinstance(state, Mapped):
+            return ((state.channel, state.position, state.sample), state.source,
+                    state.source_axis, state.chain)
+        tensor = node.input[0]
+        shape = graph.static_shape(tensor, node.name)
+        channels = shape[state.axis]
+        if channels is None:
+            raise LayoutError("its channel count is not static")
+        return index_arrays(shape, state.axis, np.arange(channels)), tensor, state.axis, ()
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        shape_value = editor.input_value(node, 1)
+        assert shape_value is not None
+        editor.set_input_value(node, 1,
+                               rewritten_shape(shape_value, member.axis, channels, kept.size))

@@ -1,0 +1,120 @@
+"""From statistics to a plan per group: widths, kept channels and reconstruction matrices.
+
+This is where the graph (sink weights, producer weights) meets the pure selection math of
+`select.py`: each tap of a group becomes a `TapProblem` (its Sigma, its ridge, its loss weight
+mixed from the sinks' Z^T Z by theta), the group keeps `uniform_width` channels chosen by greedy
+spectral selection (or by filter L1 norm, the Li et al. baseline), and each tap gets its ridge
+reconstruction (or plain channel dropping for the baseline without reconstruction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .analysis import Analysis, ChannelGroup, Tap
+from .calibrate import Statistics
+from .ops import handler_for
+from .rewrite import GroupPlan
+from .select import (
+    TapProblem,
+    default_ridge,
+    greedy_select,
+    l1_norm_order,
+    loss_weight,
+    reconstruction,
+    uniform_width,
+)
+
+Selection = Literal["spectral", "l1"]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Selection settings (SPEC section 3)."""
+
+    ratio: float = 0.5
+    theta: float = 0.5
+    rho: float = 1e-3
+    round_to: int = 1
+    selection: Selection = "spectral"
+    reconstruct: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedGroup:
+    """A group's plan and the selection by-products the report shows.
+
+    `loss_curve`: [k+1] greedy losses normalized by the loss of keeping nothing (None for L1).
+    """
+
+    plan: GroupPlan
+    loss_curve: np.ndarray | None
+
+
+def _problem(analysis: Analysis, tap: Tap, statistics: Statistics,
+             options: PlanOptions) -> TapProblem:
+    sigma = statistics[tap.tensor].sigma
+    graph = analysis.graph
+    sink_gram = np.zeros((tap.channels, tap.channels))
+    for sink in tap.sinks:
+        node = graph.nodes_by_name[sink.node]
+        handler = handler_for(node.op_type, node.domain)
+        assert handler is not None
+        sink_gram += handler.sink_gram(node, sink, tap.channels, graph)
+    weight = loss_weight(tap.channels, sink_gram, options.theta)
+    return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
+
+
+def _l1_kept(analysis: Analysis, group: ChannelGroup, width: int) -> np.ndarray:
+    graph = analysis.graph
+    norms = np.zeros(group.channels)
+    for producer in group.producers:
+        node = graph.nodes_by_name[producer]
+        handler = handler_for(node.op_type, node.domain)
+        assert handler is not None
+        rows = handler.output_rows(node, graph).astype(np.float64)
+        norms += np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
+    return l1_norm_order(norms[:, None])[:width]
+
+
+def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
+    """A ([m, k]) that keeps channels `kept` as they are and drops the rest: no reconstruction."""
+    selector = np.zeros((channels, kept.size))
+    selector[kept, np.arange(kept.size)] = 1.0
+    return selector
+
+
+def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
+               options: PlanOptions) -> PlannedGroup:
+    """Choose the kept channels of one prunable group and its taps' reconstructions."""
+    width = uniform_width(group.channels, options.ratio, options.round_to)
+    problems = [_problem(analysis, tap, statistics, options) for tap in group.taps]
+    curve = None
+    if options.selection == "spectral":
+        path = greedy_select(problems, width)
+        kept = np.sort(path.order)
+        curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
+    else:
+        kept = np.sort(_l1_kept(analysis, group, width))
+    reconstructions = {
+        tap.tensor: (reconstruction(problem.sigma, kept, problem.ridge) if options.reconstruct
+                     else _dropping(group.channels, kept))
+        for tap, problem in zip(group.taps, problems, strict=True)
+    }
+    return PlannedGroup(GroupPlan(group, kept, reconstructions), curve)
+
+
+def plan_groups(analysis: Analysis, statistics: Statistics,
+                options: PlanOptions) -> tuple[PlannedGroup, ...]:
+    """Plans for every prunable group of the analysis."""
+    return tuple(plan_group(analysis, group, statistics, options)
+                 for group in analysis.prunable)
+
+
+def kept_channels(planned: Sequence[PlannedGroup]) -> dict[int, np.ndarray]:
+    """Group id -> kept channel indices."""
+    return {item.plan.group.id: item.plan.kept for item in planned}

@@ -1,0 +1,129 @@
+"""Apply channel selections: slice producers and channel-wise ops, fold reconstructions into sinks.
+
+The rewrite works on a copy of the normalized model. Every edited constant becomes a fresh
+initializer (a weight shared with another node is never changed under it); stale value_info is
+dropped and shape inference rerun; the result must pass the ONNX checker, load in ONNX Runtime
+and keep the original output names and shapes, or a RewriteError is raised and nothing is
+returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .analysis import Analysis, ChannelGroup
+from .errors import RewriteError
+from .graph import GraphIndex, infer_shapes, tensor_dims
+from .ops import handler_for
+from .runtime import open_session
+
+
+@dataclass(frozen=True, eq=False)
+class GroupPlan:
+    """What to do with one prunable group.
+
+    `kept`: [k] int64 sorted channel indices that stay. `reconstructions`: per tap tensor, the
+    matrix A ([m, k], columns in the order of `kept`) folded into that tap's sinks.
+    """
+
+    group: ChannelGroup
+    kept: np.ndarray
+    reconstructions: Mapping[str, np.ndarray]
+
+
+class _Editor:
+    """Edits constants and attributes of a copy of `graph.model`, by node name."""
+
+    def __init__(self, graph: GraphIndex) -> None:
+        self.graph = graph
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(graph.model)
+        self._nodes = {node.name: node for node in self.model.graph.node}
+        self._values: dict[tuple[str, int], np.ndarray] = {}
+
+    def input_value(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+        edited = self._values.get((node.name, position))
+        return edited if edited is not None else self.graph.input_constant(node, position)
+
+    def set_input_value(self, node: onnx.NodeProto, position: int, value: np.ndarray) -> None:
+        self._values[(node.name, position)] = np.ascontiguousarray(value)
+
+    def set_attribute(self, node: onnx.NodeProto, name: str, value: object) -> None:
+        target = self._nodes[node.name]
+        for attr in target.attribute:
+            if attr.name == name:
+                target.attribute.remove(attr)
+                break
+        target.attribute.append(helper.make_attribute(name, value))
+
+    def finish(self) -> onnx.ModelProto:
+        """Write the edited constants as fresh initializers and drop unused ones."""
+        graph = self.model.graph
+        taken = {init.name for init in graph.initializer}
+        for (node_name, position), value in self._values.items():
+            node = self._nodes[node_name]
+            name = f"{node.input[position]}__{node_name}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            node.input[position] = name
+        used = {name for node in graph.node for name in node.input}
+        kept = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        return self.model
+
+
+def _apply(plan: GroupPlan, editor: _Editor) -> None:
+    graph = editor.graph
+    group = plan.group
+    kept = np.asarray(plan.kept, dtype=np.int64)
+    for member in group.members:
+        node = graph.nodes_by_name[member.node]
+        handler = handler_for(node.op_type, node.domain)
+        assert handler is not None
+        handler.slice(node, member, kept, group.channels, editor)
+    for tap in group.taps:
+        reconstruction = plan.reconstructions[tap.tensor]
+        for sink in tap.sinks:
+            node = graph.nodes_by_name[sink.node]
+            handler = handler_for(node.op_type, node.domain)
+            assert handler is not None
+            handler.fold(node, sink, reconstruction, kept, editor)
+
+
+def rewrite(analysis: Analysis, plans: Sequence[GroupPlan]) -> onnx.ModelProto:
+    """The compressed model; raises RewriteError when it fails a safety check."""
+    editor = _Editor(analysis.graph)
+    for plan in plans:
+        if not plan.group.prunable:
+            raise RewriteError(f"group {plan.group.id} is frozen: {plan.group.frozen[0]}")
+        _apply(plan, editor)
+    model = editor.finish()
+    try:
+        model = infer_shapes(model)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise RewriteError(f"the compressed model fails the ONNX checker: {exc}") from exc
+    check_interface(analysis.graph.model, model)
+    return model
+
+
+def check_interface(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    """Raise RewriteError unless `compressed` loads in ONNX Runtime with the same interface."""
+    def interface(model: onnx.ModelProto) -> list[tuple[str, object]]:
+        return [(value.name, tensor_dims(value)) for value in model.graph.output]
+
+    if interface(original) != interface(compressed):
+        raise RewriteError(f"the compressed model's outputs {interface(compressed)} differ from "
+                           f"the original's {interface(original)}")
+    try:
+        open_session(compressed, "cpu")
+    except Exception as exc:
+        raise RewriteError(f"ONNX Runtime cannot load the compressed model: {exc}") from exc

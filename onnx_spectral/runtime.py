@@ -1,0 +1,38 @@
+"""ONNX Runtime sessions: one place that picks the execution provider."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import onnx
+import onnxruntime as ort
+
+from .errors import OptionsError
+
+Provider = Literal["auto", "cpu", "cuda"]
+
+
+def execution_providers(provider: Provider) -> list[str]:
+    """ORT provider list for `provider`: auto = CUDA when this onnxruntime has it, else CPU."""
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise OptionsError("--provider cuda: this onnxruntime has no CUDAExecutionProvider "
+                               f"(available: {available}); install the 'gpu' extra "
+                               "(onnxruntime-gpu) or use --provider cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "auto":
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    raise OptionsError(f"unknown provider '{provider}'; accepted: auto, cpu, cuda")
+
+
+def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
+    """An inference session on an in-memory model (nothing is written to disk)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=execution_providers(provider))
