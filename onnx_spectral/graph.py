@@ -147,14 +147,20 @@ def _evaluate_if_constant(
     feeds = {name: constants[name] for name in inputs}
     if sum(value.size for value in feeds.values()) > _MAX_FOLDED_ELEMENTS:
         return None
+    results = run_node(node, feeds, opset)
+    if results is None or any(value.size > _MAX_FOLDED_ELEMENTS for value in results):
+        return None
+    return results
+
+
+def run_node(node: onnx.NodeProto, feeds: Mapping[str, np.ndarray], opset: int
+             ) -> list[np.ndarray] | None:
+    """Outputs of one node on constant inputs (onnx.reference), None if it cannot run."""
     try:
         evaluator = ReferenceEvaluator(_single_node_model(node, feeds, opset))
-        results = evaluator.run(None, feeds)
-    except Exception:  # an op the reference cannot run stays in the graph, unfolded
+        return [np.asarray(value) for value in evaluator.run(None, dict(feeds))]
+    except Exception:  # an op the reference cannot run is left to the caller to refuse
         return None
-    if any(np.asarray(value).size > _MAX_FOLDED_ELEMENTS for value in results):
-        return None
-    return [np.asarray(value) for value in results]
 
 
 def _shape_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
@@ -270,3 +276,41 @@ class GraphIndex:
 def attributes(node: onnx.NodeProto) -> dict[str, object]:
     """A node's attributes as plain Python values."""
     return {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+_SHAPE_EXPRESSION_OPS = frozenset(
+    {"Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape", "Mul", "Add",
+     "Sub", "Div", "Identity"}
+)
+
+
+def evaluate_shape_expression(graph: GraphIndex, tensor: str, samples: int) -> np.ndarray | None:
+    """Value of a computed shape tensor (e.g. `Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])`)
+    when the dynamic sample axis of every tensor has size `samples`.
+
+    Only `Shape` of tensors whose other dimensions are static, constants and the small integer
+    ops exporters use for shapes are followed; anything else gives None.
+    """
+    constant = graph.constant(tensor)
+    if constant is not None:
+        return constant
+    node = graph.producers.get(tensor)
+    if node is None:
+        return None
+    if node.op_type == "Shape":
+        dims = graph.shapes.get(node.input[0])
+        if dims is None or any(d is None for d in dims[1:]):
+            return None
+        shape = tuple(samples if d is None else int(d) for d in dims)
+        return _shape_value(node, shape)
+    if node.op_type not in _SHAPE_EXPRESSION_OPS:
+        return None
+    feeds = {}
+    for name in node.input:
+        if name:
+            value = evaluate_shape_expression(graph, name, samples)
+            if value is None:
+                return None
+            feeds[name] = value
+    results = run_node(node, feeds, opset_version(graph.model))
+    return None if results is None else results[list(node.output).index(tensor)]

@@ -13,7 +13,7 @@ from .elementwise import ArithmeticHandler, UnaryHandler
 from .layout import LayoutHandler
 from .linear import GemmHandler, MatMulHandler
 from .normalization import NormalizationHandler
-from .spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler
+from .spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler, ShapeHandler
 
 _HANDLERS: tuple[OpHandler, ...] = (
     ConvHandler(),
@@ -26,6 +26,7 @@ _HANDLERS: tuple[OpHandler, ...] = (
     PadHandler(),
     ResizeHandler(),
     ReduceHandler(),
+    ShapeHandler(),
     LayoutHandler(),
 )
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..graph import Dim, GraphIndex, attributes
+from ..graph import Dim, GraphIndex, attributes, evaluate_shape_expression
 from .base import (
     AnalysisContext,
     ChannelState,
@@ -154,15 +154,43 @@ def rewritten_shape(shape_value: np.ndarray, entry: int, channels: int, kept: in
     return new
 
 
+def layout_inputs(graph: GraphIndex, node: onnx.NodeProto,
+                  value_of: Callable[[onnx.NodeProto, int], np.ndarray | None],
+                  ) -> list[np.ndarray | None]:
+    """Constant inputs of a layout node; a computed Reshape target is evaluated."""
+    values = [value_of(node, i) for i in range(len(node.input))]
+    if node.op_type == "Reshape" and values[1] is None:
+        values[1] = evaluate_shape_expression(graph, node.input[1], SAMPLES_FOR_INDEX)
+    return values
+
+
+def _check_computed_target(graph: GraphIndex, node: onnx.NodeProto) -> None:
+    """A computed Reshape target may depend on the sample count only, as the sample count."""
+    if node.op_type != "Reshape" or graph.constant(node.input[1]) is not None:
+        return
+    first = evaluate_shape_expression(graph, node.input[1], SAMPLES_FOR_INDEX)
+    second = evaluate_shape_expression(graph, node.input[1], SAMPLES_FOR_INDEX + 1)
+    if first is None or second is None:
+        raise LayoutError("its target shape is computed by ops that cannot be evaluated")
+    varying = first != second
+    if np.any(first[varying] != SAMPLES_FOR_INDEX) or np.any(
+            second[varying] != SAMPLES_FOR_INDEX + 1):
+        raise LayoutError("its computed target shape depends on the sample count in a way "
+                          "other than passing it through")
+
+
 def simulate_chain(graph: GraphIndex, source: str, source_axis: int, chain: Sequence[str],
                    channels: np.ndarray,
-                   shape_values: Callable[[onnx.NodeProto], Sequence[np.ndarray | None]],
+                   value_of: Callable[[onnx.NodeProto, int], np.ndarray | None],
                    ) -> IndexArrays:
-    """Index arrays at the end of `chain` when `source` carries `channels` ([k]) on its axis."""
+    """Index arrays at the end of `chain` when `source` carries `channels` ([k]) on its axis.
+
+    `value_of(node, position)` gives the (possibly rewritten) constant inputs of the chain.
+    """
     arrays = index_arrays(graph.static_shape(source), source_axis, channels)
     for name in chain:
         node = graph.nodes_by_name[name]
-        arrays = apply_layout(node, arrays, shape_values(node))
+        arrays = apply_layout(node, arrays, layout_inputs(graph, node, value_of))
     return arrays
 
 
@@ -194,13 +222,18 @@ class LayoutHandler(NoWeights):
         state = ctx.state(node.input[0])
         if state is None:
             return
-        values = [ctx.graph.constant(name) for name in node.input]
+        graph = ctx.graph
         try:
-            arrays, source, source_axis, chain = self._start(state, node, ctx.graph)
+            _check_computed_target(graph, node)
+            values = layout_inputs(graph, node, graph.input_constant)
+            arrays, source, source_axis, chain = self._start(state, node, graph)
             channels = int(arrays[0].max()) + 1
             arrays_out = apply_layout(node, arrays, values)
             if node.op_type == "Reshape":
-                entry = scaled_shape_entry(node, arrays_out, values[1], channels)  # type: ignore[arg-type]
+                assert values[1] is not None
+                entry = scaled_shape_entry(node, arrays_out, values[1], channels)
+                if entry is not None and graph.constant(node.input[1]) is None:
+                    raise LayoutError("the channel count is part of a computed target shape")
                 if entry is not None:
                     ctx.add_member(state.group, Member(node.name, Role.LAYOUT, entry))
         except LayoutError as exc:

@@ -12,7 +12,7 @@ import onnx
 
 from ..errors import RewriteError
 from ..graph import GraphIndex, attributes
-from .base import AnalysisContext, Editor, Mapped, Member, Plain, SinkUse, freeze_inputs
+from .base import AnalysisContext, Editor, Member, Plain, SinkUse, freeze_inputs
 from .layout import LayoutError, simulate_chain, sink_feature_map
 
 
@@ -61,9 +61,7 @@ def _fold_rows(rows: np.ndarray, sink: SinkUse, reconstruction: np.ndarray, kept
     channels = reconstruction.shape[0]
     try:
         channel, position, _ = simulate_chain(
-            editor.graph, sink.tap, sink.tap_axis, feature_map.chain, kept,
-            lambda layout: [editor.input_value(layout, i) for i in range(len(layout.input))],
-        )
+            editor.graph, sink.tap, sink.tap_axis, feature_map.chain, kept, editor.input_value)
     except LayoutError as exc:
         raise RewriteError(f"the layout chain {feature_map.chain} into sink '{sink.node}' "
                            f"cannot be rewritten for {kept.size} channels: {exc}") from exc
@@ -105,7 +103,7 @@ class GemmHandler:
     def output_rows(self, node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
         weight = graph.input_constant(node, 1)
         assert weight is not None
-        return _as_rows(weight, not attributes(node).get("transB", 0))
+        return _as_rows(weight, bool(attributes(node).get("transB", 0)))
 
     def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
                   graph: GraphIndex) -> np.ndarray:

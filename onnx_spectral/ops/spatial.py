@@ -139,3 +139,41 @@ class ReduceHandler(PoolHandler):
         new_axis = state.axis if keep_dims else state.axis - sum(a < state.axis for a in axes)
         _pass_through(node, ctx, state, new_axis)
 
+
+
+class ShapeHandler(NoWeights):
+    """Shape of a grouped tensor: safe while the channel count itself is never read.
+
+    Allowed when the Shape's start/end leave the channel axis out, or when every consumer is a
+    Gather of constant indices that do not pick the channel axis (e.g. `x.size(0)`).
+    """
+
+    op_types = ("Shape",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        state = ctx.state(node.input[0])
+        if state is None:
+            return
+        if not isinstance(state, Plain):
+            freeze_inputs(node, ctx, "Shape of scattered channels")
+            return
+        attrs = attributes(node)
+        start = int(attrs.get("start", 0)) % state.rank  # type: ignore[call-overload]
+        end_value = attrs.get("end")
+        end = state.rank if end_value is None else int(end_value)  # type: ignore[call-overload]
+        end = end % state.rank if end < 0 else min(end, state.rank)
+        if not start <= state.axis < end:
+            return
+        for consumer, position in ctx.graph.consumers.get(node.output[0], []):
+            indices = ctx.graph.input_constant(consumer, 1)
+            axis = int(attributes(consumer).get("axis", 0))  # type: ignore[call-overload]
+            picks_channels = (indices is None or
+                              np.any(np.asarray(indices) % state.rank == state.axis - start))
+            if consumer.op_type != "Gather" or position != 0 or axis != 0 or picks_channels:
+                freeze_inputs(node, ctx, f"the channel count is read through Shape by "
+                                         f"{consumer.op_type} node '{consumer.name}'")
+                return
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        raise TypeError(f"Shape node '{node.name}' has no channel parameters")

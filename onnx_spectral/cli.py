@@ -1,0 +1,154 @@
+"""Command line: parse arguments, run the pipeline, write files atomically, map errors to codes.
+
+    onnx-spectral IN.onnx OUT.onnx --calib DATA [--ratio R] [...]
+    onnx-spectral analyze IN.onnx [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+
+from .analysis import analyze
+from .api import CompressOptions, compress
+from .cost import model_cost
+from .data import Preprocess
+from .errors import (
+    DataError,
+    GraphError,
+    ModelError,
+    OptionsError,
+    RewriteError,
+    SpectralError,
+    StatisticsError,
+)
+from .graph import load_model
+from .report import analysis_dict, format_analysis
+
+EXIT_CODES: dict[type[SpectralError], int] = {
+    OptionsError: 2,
+    ModelError: 3,
+    GraphError: 3,
+    DataError: 4,
+    StatisticsError: 4,
+    RewriteError: 5,
+}
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    defaults = CompressOptions()
+    parser = argparse.ArgumentParser(
+        prog="onnx-spectral",
+        description="Prune the channels of an ONNX model by spectral pruning. "
+                    "Use `onnx-spectral analyze IN.onnx` to list its channel groups.")
+    parser.add_argument("input", type=Path, help="model to compress (.onnx)")
+    parser.add_argument("output", type=Path, help="where to write the compressed model")
+    parser.add_argument("--calib", required=True,
+                        help="calibration data: .npz (one array per input), .npy, a folder of "
+                             ".npy/.npz files or of images (see --preprocess), or 'random'")
+    parser.add_argument("--ratio", type=float, default=defaults.ratio,
+                        help="fraction of channels each prunable group keeps (default %(default)s)")
+    parser.add_argument("--theta", type=float, default=defaults.theta,
+                        help="1: reconstruct activations; 0: reconstruct the next layer's "
+                             "output (default %(default)s)")
+    parser.add_argument("--ridge", type=float, default=defaults.ridge,
+                        help="relative ridge rho, lambda = rho * trace(Sigma)/m "
+                             "(default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
+                        help="held-out samples, taken after the calibration samples")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=defaults.provider)
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
+                        help="producer nodes whose channel groups stay whole")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--round-to", type=int, default=defaults.round_to,
+                        help="round kept widths up to a multiple of this")
+    parser.add_argument("--selection", choices=("spectral", "l1"), default=defaults.selection,
+                        help="channel choice: spectral (default) or filter L1 norm (baseline)")
+    parser.add_argument("--no-reconstruction", action="store_true",
+                        help="drop channels without folding a reconstruction (baseline)")
+    parser.add_argument("--preprocess", type=Preprocess.parse, default=None,
+                        help="for image folders, e.g. 'resize=256,crop=224,"
+                             "mean=0.485:0.456:0.406,std=0.229:0.224:0.225'")
+    parser.add_argument("--report", type=Path, help="also write the report as JSON here")
+    return parser
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnx-spectral analyze",
+                                     description="List the channel groups of a model.")
+    parser.add_argument("input", type=Path, help="model to analyze (.onnx)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _run_compress(argv: Sequence[str]) -> int:
+    args = _compress_parser().parse_args(argv)
+    if args.output.resolve() == args.input.resolve():
+        raise OptionsError(f"output '{args.output}' is the input model; give another path")
+    options = CompressOptions(
+        ratio=args.ratio, theta=args.theta, ridge=args.ridge, batch_size=args.batch_size,
+        calib_samples=args.calib_samples, verify_samples=args.verify_samples,
+        provider=args.provider, exclude=tuple(args.exclude), seed=args.seed,
+        round_to=args.round_to, selection=args.selection,
+        reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
+        progress=sys.stderr.isatty(),
+    )
+    model, report = compress(args.input, args.calib, options)
+    _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))
+    if args.report is not None:
+        _write_atomically(args.report, lambda path: path.write_text(report.to_json()))
+    print(report.format())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _run_analyze(argv: Sequence[str]) -> int:
+    args = _analyze_parser().parse_args(argv)
+    model = load_model(args.input)
+    analysis = analyze(model, args.exclude)
+    cost = model_cost(model)
+    if args.json:
+        print(json.dumps(analysis_dict(analysis, cost), indent=2))
+    else:
+        print(format_analysis(analysis, cost))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `onnx-spectral` console script; returns the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if arguments[:1] == ["analyze"]:
+            return _run_analyze(arguments[1:])
+        return _run_compress(arguments)
+    except SpectralError as exc:
+        print(f"onnx-spectral: error: {exc}", file=sys.stderr)
+        return next((code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Parameters and multiply-accumulates (MACs) of an ONNX model.
+
+What is counted:
+
+- ``params``: elements of every floating-point initializer (float, double, float16,
+  bfloat16, float8, float4) that some node reads, each initializer once, plus the elements of
+  every ``Constant`` node whose ``value`` attribute is a floating-point tensor. Integer tensors
+  (shapes, indices, quantized weights) and sparse initializers are not counted. Nodes of
+  subgraphs (``If``, ``Loop``, ``Scan`` bodies) count as readers and their constants count.
+- ``macs``: multiply-accumulates of one sample, for the nodes of the main graph only:
+
+  ==============  ==================================================================
+  Conv            output elements * C_in / group * prod(kernel)
+  ConvTranspose   input elements * C_out / group * prod(kernel)
+  Gemm            M * N * K
+  MatMul          broadcast batch product * M * N * K (= output elements * K)
+  ==============  ==================================================================
+
+  Every other operator counts 0: element-wise ops, normalisations, pooling, activations,
+  bias additions, and quantized or fused kernels are not counted.
+
+Shapes come from ONNX shape inference on a copy of the model in which the leading dimension
+of every graph input that is symbolic or unknown (the batch) is set to 1, and so is every
+other dimension carrying the same symbol. A fixed leading dimension is left as it is (a model
+exported with a fixed batch of 8 counts 8 samples). A node whose MACs depend on any other
+dimension that inference leaves unknown (say a dynamic image size or sequence length) counts
+0 and is listed in ``ModelCost.uncounted``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import shape_inference
+
+from .errors import ModelError
+
+Shape = tuple[int, ...]
+"""Static dimensions of a tensor."""
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Size and compute of a model.
+
+    Attributes:
+        params: elements of the floating-point initializers that nodes read and of the
+            floating-point ``Constant`` nodes.
+        macs: multiply-accumulates of one sample (batch 1), summed over ``macs_by_node``.
+        macs_by_node: MACs of each Conv, ConvTranspose, Gemm and MatMul node of the main
+            graph, by node name (``"<op_type>_<index>"`` for a node without a name; nodes
+            sharing a name add up).
+        uncounted: names (as in ``macs_by_node``) of those nodes whose shapes are not static
+            after fixing the batch to 1; each counts 0.
+    """
+
+    params: int
+    macs: int
+    macs_by_node: Mapping[str, int]
+    uncounted: tuple[str, ...] = field(default=())
+
+
+def model_cost(model: onnx.ModelProto) -> ModelCost:
+    """Count the parameters and the per-sample MACs of ``model`` (see the module docstring).
+
+    The model is not modified.
+
+    Raises:
+        ModelError: ONNX shape inference rejects the model.
+    """
+    shapes = _inferred_shapes(model)
+    macs_by_node: dict[str, int] = {}
+    uncounted: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        counter = _MAC_COUNTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if counter is None:
+            continue
+        name = node.name or f"{node.op_type}_{index}"
+        macs = counter(node, shapes)
+        if macs is None:
+            uncounted.append(name)
+            macs = 0
+        macs_by_node[name] = macs_by_node.get(name, 0) + macs
+    return ModelCost(
+        params=_count_params(model.graph),
+        macs=sum(macs_by_node.values()),
+        macs_by_node=macs_by_node,
+        uncounted=tuple(uncounted),
+    )
+
+
+def _is_float(data_type: int) -> bool:
+    """Whether a TensorProto data type is a floating-point type (any width)."""
+    name = onnx.TensorProto.DataType.Name(data_type)
+    return name.startswith(("FLOAT", "DOUBLE", "BFLOAT"))
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Nodes of ``graph`` and, recursively, of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for subgraph in _subgraphs(node):
+            yield from _all_nodes(subgraph)
+
+
+def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            yield from _all_initializers(subgraph)
+
+
+def _count_params(graph: onnx.GraphProto) -> int:
+    read = {name for node in _all_nodes(graph) for name in node.input if name}
+    counted: set[str] = set()
+    total = 0
+    for tensor in _all_initializers(graph):
+        if tensor.name in read and tensor.name not in counted and _is_float(tensor.data_type):
+            counted.add(tensor.name)
+            total += math.prod(tensor.dims)
+    for node in _all_nodes(graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value" and _is_float(attribute.t.data_type):
+                    total += math.prod(attribute.t.dims)
+    return total
+
+
+def _batch_to_one(graph: onnx.GraphProto) -> None:
+    """Set the non-fixed leading dimension of each graph input, and its symbol anywhere, to 1."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    symbols: set[str] = set()
+    for value in graph.input:
+        if value.name in initializers or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            if dims[0].dim_param:
+                symbols.add(dims[0].dim_param)
+            dims[0].dim_value = 1
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.HasField("shape"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and dim.dim_param in symbols:
+                    dim.dim_value = 1
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Static shapes of the main graph's tensors, batch fixed to 1; unknown ones are left out."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _batch_to_one(copy.graph)
+    try:
+        inferred = shape_inference.infer_shapes(copy, data_prop=True)
+    except (shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
+    graph = inferred.graph
+    shapes: dict[str, Shape] = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = value.type.tensor_type
+        if value.name in shapes or not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        if all(dim.HasField("dim_value") for dim in dims):
+            shapes[value.name] = tuple(int(dim.dim_value) for dim in dims)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    shapes.setdefault(node.output[0], tuple(attribute.t.dims))
+    return shapes
+
+
+def _attribute_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return int(attribute.i)
+    return default
+
+
+def _conv_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    # W: [C_out, C_in / group, *kernel], Y: [N, C_out, *out].
+    weight = shapes.get(node.input[1])
+    output = shapes.get(node.output[0])
+    if weight is None or output is None:
+        return None
+    return math.prod(output) * math.prod(weight[1:])
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    # W: [C_in, C_out / group, *kernel], X: [N, C_in, *in].
+    data = shapes.get(node.input[0])
+    weight = shapes.get(node.input[1])
+    if data is None or weight is None:
+        return None
+    return math.prod(data) * math.prod(weight[1:])
+
+
+def _gemm_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    a = shapes.get(node.input[0])
+    b = shapes.get(node.input[1])
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    rows, inner = a[::-1] if _attribute_int(node, "transA", 0) else a
+    columns = b[0] if _attribute_int(node, "transB", 0) else b[1]
+    return rows * columns * inner
+
+
+def _matmul_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    # Output elements are batch * M * N (numpy semantics, 1-D operands included); K is A's last.
+    a = shapes.get(node.input[0])
+    output = shapes.get(node.output[0])
+    if a is None or output is None or len(a) == 0:
+        return None
+    return math.prod(output) * a[-1]
+
+
+_MAC_COUNTERS: dict[str, Callable[[onnx.NodeProto, Mapping[str, Shape]], int | None]] = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}

@@ -1,0 +1,140 @@
+"""What the user reads: per-group tables, whole-model figures, and the same as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .analysis import Analysis
+from .cost import ModelCost
+from .verify import Verification
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One channel group: its size before and after, and why it was kept whole if it was.
+
+    `heldout_error`: mean over the group's taps of the relative reconstruction error
+    E||t - A t_J||^2 / E||t||^2 on held-out data (None when there was none or it is frozen).
+    """
+
+    id: int
+    producers: tuple[str, ...]
+    channels: int
+    kept: int
+    heldout_error: float | None
+    frozen: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a compression run measured."""
+
+    groups: tuple[GroupReport, ...]
+    cost_before: ModelCost
+    cost_after: ModelCost
+    calibration_samples: int
+    verification: Verification | None
+    options: Mapping[str, Any]
+    seconds: Mapping[str, float]
+    """Wall-clock seconds per pipeline stage."""
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (per-node MACs left out)."""
+        return {
+            "groups": [asdict(group) for group in self.groups],
+            "params": {"before": self.cost_before.params, "after": self.cost_after.params},
+            "macs": {"before": self.cost_before.macs, "after": self.cost_after.macs},
+            "calibration_samples": self.calibration_samples,
+            "verification": None if self.verification is None else asdict(self.verification),
+            "options": dict(self.options),
+            "seconds": dict(self.seconds),
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def format(self) -> str:
+        """The table the CLI prints."""
+        rows = [("group", "producer", "channels", "held-out rel. error", "status")]
+        for group in self.groups:
+            producer = group.producers[0] + (f" (+{len(group.producers) - 1})"
+                                             if len(group.producers) > 1 else "")
+            error = "-" if group.heldout_error is None else f"{group.heldout_error:.4f}"
+            status = "pruned" if not group.frozen else "frozen: " + group.frozen[0]
+            rows.append((str(group.id), producer, f"{group.channels} -> {group.kept}", error,
+                         status))
+        lines = _table(rows)
+        lines.append("")
+        lines.append(_ratio_line("parameters", self.cost_before.params, self.cost_after.params))
+        lines.append(_ratio_line("MACs/sample", self.cost_before.macs, self.cost_after.macs))
+        lines.append(f"calibration samples: {self.calibration_samples}")
+        if self.verification is not None:
+            lines.append(f"held-out verification on {self.verification.samples} samples:")
+            for output in self.verification.outputs:
+                top1 = ("" if output.top1_agreement is None
+                        else f", top-1 agreement {100 * output.top1_agreement:.2f}%")
+                lines.append(f"  output '{output.name}': relative error "
+                             f"{output.relative_error:.4f}, cosine {output.cosine:.4f}{top1}")
+        lines.extend(f"warning: {warning}" for warning in self.warnings)
+        return "\n".join(lines)
+
+
+def _ratio_line(label: str, before: int, after: int) -> str:
+    share = after / before if before else 1.0
+    return f"{label}: {before:,} -> {after:,} ({100 * share:.1f}% kept)"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def format_analysis(analysis: Analysis, cost: ModelCost) -> str:
+    """The listing of `onnx-spectral analyze`: every group, its ops, prunable or why not."""
+    lines = []
+    for group in analysis.groups:
+        status = "prunable" if group.prunable else "frozen"
+        lines.append(f"group {group.id}: {group.channels} channels, {status}")
+        lines.append(f"  producers: {', '.join(group.producers)}")
+        others = [f"{member.node} ({member.role.value})" for member in group.members
+                  if member.node not in group.producers]
+        if others:
+            lines.append(f"  channel-wise/layout: {', '.join(others)}")
+        sinks = [sink.node for tap in group.taps for sink in tap.sinks]
+        if sinks:
+            lines.append(f"  sinks: {', '.join(sinks)}")
+        lines.extend(f"  reason: {reason}" for reason in group.frozen)
+    prunable = sum(group.channels for group in analysis.prunable)
+    total = sum(group.channels for group in analysis.groups)
+    lines.append("")
+    lines.append(f"{len(analysis.prunable)} of {len(analysis.groups)} groups prunable "
+                 f"({prunable} of {total} channels)")
+    lines.append(f"parameters: {cost.params:,}")
+    lines.append(f"MACs/sample: {cost.macs:,}")
+    return "\n".join(lines)
+
+
+def analysis_dict(analysis: Analysis, cost: ModelCost) -> dict[str, Any]:
+    """The analysis as a JSON-ready dict."""
+    return {
+        "groups": [
+            {
+                "id": group.id,
+                "channels": group.channels,
+                "prunable": group.prunable,
+                "producers": list(group.producers),
+                "members": [{"node": m.node, "role": m.role.value} for m in group.members],
+                "sinks": [sink.node for tap in group.taps for sink in tap.sinks],
+                "frozen": list(group.frozen),
+            }
+            for group in analysis.groups
+        ],
+        "params": cost.params,
+        "macs": cost.macs,
+    }
