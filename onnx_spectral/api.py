@@ -132,7 +132,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         instrumented = instrument(analysis.graph, analysis.taps)
         statistics = (calibrate(instrumented, stream.take(n_calib, batch), options.provider,
                                 total_samples=n_calib, progress=options.progress)
-                      if analysis.taps else Statistics({}, 0))
+                      if analysis.taps and options.plan_options().needs_statistics
+                      else Statistics({}, 0))
         held_out = list(stream.take(n_verify, batch))
     with clock("select"):
         planned = plan_groups(analysis, statistics, options.plan_options())
@@ -149,7 +150,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         notes.append("no channel group is prunable: the model is unchanged (see the reasons)")
     report = Report(
         groups=_group_reports(analysis, planned, group_errors),
-        cost_before=model_cost(original),
+        cost_before=model_cost(analysis.graph.model),
         cost_after=model_cost(compressed),
         calibration_samples=statistics.samples,
         verification=verification,

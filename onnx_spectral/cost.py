@@ -7,7 +7,8 @@ What is counted:
   every ``Constant`` node whose ``value`` attribute is a floating-point tensor. Integer tensors
   (shapes, indices, quantized weights) and sparse initializers are not counted. Nodes of
   subgraphs (``If``, ``Loop``, ``Scan`` bodies) count as readers and their constants count.
-- ``macs``: multiply-accumulates of one sample, for the nodes of the main graph only:
+- ``macs``: multiply-accumulates of one sample, for the nodes of the main graph only, after
+  ``graph.normalize`` (nodes computed only from constants are folded away and not counted):
 
   ==============  ==================================================================
   Conv            output elements * C_in / group * prod(kernel)
@@ -19,12 +20,12 @@ What is counted:
   Every other operator counts 0: element-wise ops, normalisations, pooling, activations,
   bias additions, and quantized or fused kernels are not counted.
 
-Shapes come from ONNX shape inference on a copy of the model in which the leading dimension
-of every graph input that is symbolic or unknown (the batch) is set to 1, and so is every
-other dimension carrying the same symbol. A fixed leading dimension is left as it is (a model
-exported with a fixed batch of 8 counts 8 samples). A node whose MACs depend on any other
-dimension that inference leaves unknown (say a dynamic image size or sequence length) counts
-0 and is listed in ``ModelCost.uncounted``.
+Shapes come from ``graph.normalize`` (constant folding, then ONNX shape inference) on a copy of
+the model in which the leading dimension of every graph input that is symbolic or unknown (the
+batch) is set to 1, and so is every other dimension carrying the same symbol. A fixed leading
+dimension is left as it is (a model exported with a fixed batch of 8 counts 8 samples). A node
+whose MACs depend on any other dimension that inference leaves unknown (say a dynamic image
+size or sequence length) counts 0 and is listed in ``ModelCost.uncounted``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import shape_inference
 
-from .errors import ModelError
+from .graph import normalize
 
 Shape = tuple[int, ...]
 """Static dimensions of a tensor."""
@@ -51,8 +51,8 @@ class ModelCost:
             floating-point ``Constant`` nodes.
         macs: multiply-accumulates of one sample (batch 1), summed over ``macs_by_node``.
         macs_by_node: MACs of each Conv, ConvTranspose, Gemm and MatMul node of the main
-            graph, by node name (``"<op_type>_<index>"`` for a node without a name; nodes
-            sharing a name add up).
+            graph, by node name as ``graph.normalize`` gives it (the model's name, made unique;
+            ``"<op_type>_<index>"`` for a node without one).
         uncounted: names (as in ``macs_by_node``) of those nodes whose shapes are not static
             after fixing the batch to 1; each counts 0.
     """
@@ -69,21 +69,22 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
     The model is not modified.
 
     Raises:
-        ModelError: ONNX shape inference rejects the model.
+        ModelError: the model has no default-domain opset or ONNX shape inference fails on it
+            (from ``graph.normalize``).
     """
-    shapes = _inferred_shapes(model)
+    graph = _normalized_batch_one(model).graph
+    shapes = _static_shapes(graph)
     macs_by_node: dict[str, int] = {}
     uncounted: list[str] = []
-    for index, node in enumerate(model.graph.node):
+    for node in graph.node:
         counter = _MAC_COUNTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if counter is None:
             continue
-        name = node.name or f"{node.op_type}_{index}"
         macs = counter(node, shapes)
         if macs is None:
-            uncounted.append(name)
+            uncounted.append(node.name)
             macs = 0
-        macs_by_node[name] = macs_by_node.get(name, 0) + macs
+        macs_by_node[node.name] = macs
     return ModelCost(
         params=_count_params(model.graph),
         macs=sum(macs_by_node.values()),
@@ -157,16 +158,16 @@ def _batch_to_one(graph: onnx.GraphProto) -> None:
                     dim.dim_value = 1
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Static shapes of the main graph's tensors, batch fixed to 1; unknown ones are left out."""
+def _normalized_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph.normalize`` of a copy of ``model`` whose batch dimension is fixed to 1."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     _batch_to_one(copy.graph)
-    try:
-        inferred = shape_inference.infer_shapes(copy, data_prop=True)
-    except (shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
-    graph = inferred.graph
+    return normalize(copy)
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:
+    """Shapes of the tensors of ``graph`` whose dimensions are all known."""
     shapes: dict[str, Shape] = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     for value in (*graph.input, *graph.value_info, *graph.output):
         tensor_type = value.type.tensor_type
@@ -175,11 +176,6 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         dims = tensor_type.shape.dim
         if all(dim.HasField("dim_value") for dim in dims):
             shapes[value.name] = tuple(int(dim.dim_value) for dim in dims)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    shapes.setdefault(node.output[0], tuple(attribute.t.dims))
     return shapes
 
 

@@ -9,7 +9,6 @@ reconstruction (or plain channel dropping for the baseline without reconstructio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +41,11 @@ class PlanOptions:
     round_to: int = 1
     selection: Selection = "spectral"
     reconstruct: bool = True
+
+    @property
+    def needs_statistics(self) -> bool:
+        """False only for the baseline that drops L1-chosen channels without reconstruction."""
+        return self.selection == "spectral" or self.reconstruct
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +96,11 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
                options: PlanOptions) -> PlannedGroup:
     """Choose the kept channels of one prunable group and its taps' reconstructions."""
     width = uniform_width(group.channels, options.ratio, options.round_to)
+    if not options.needs_statistics:
+        kept = np.sort(_l1_kept(analysis, group, width))
+        dropping = _dropping(group.channels, kept)
+        return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
+                            None)
     problems = [_problem(analysis, tap, statistics, options) for tap in group.taps]
     curve = None
     if options.selection == "spectral":
@@ -101,8 +110,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     else:
         kept = np.sort(_l1_kept(analysis, group, width))
     reconstructions = {
-        tap.tensor: (reconstruction(problem.sigma, kept, problem.ridge) if options.reconstruct
-                     else _dropping(group.channels, kept))
+        tap.tensor: reconstruction(problem.sigma, kept, problem.ridge)
         for tap, problem in zip(group.taps, problems, strict=True)
     }
     return PlannedGroup(GroupPlan(group, kept, reconstructions), curve)
@@ -113,8 +121,3 @@ def plan_groups(analysis: Analysis, statistics: Statistics,
     """Plans for every prunable group of the analysis."""
     return tuple(plan_group(analysis, group, statistics, options)
                  for group in analysis.prunable)
-
-
-def kept_channels(planned: Sequence[PlannedGroup]) -> dict[int, np.ndarray]:
-    """Group id -> kept channel indices."""
-    return {item.plan.group.id: item.plan.kept for item in planned}

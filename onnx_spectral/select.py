@@ -334,16 +334,18 @@ class _TapPath:
     """Greedy state of one tap: ``R`` and ``Q = R M R`` as deferred symmetric matrices.
 
     Adding channel ``j`` with ``r = R[:, j]``, ``s = R_jj + lambda``, ``u = r / s`` and
-    ``w = Q[:, j] = R M r``:
+    ``w = Q[:, j] = R M r`` (so ``Q_jj = r^T M r`` and the gain is ``Q_jj / s``):
 
-        R' = R - r r^T / s                          (rank one, ``c = r / sqrt(s)``)
+        R' = R - r r^T / s = R - c c^T,                         c = r / sqrt(s)
         Q' = R' M R' = Q - w u^T - u w^T + Q_jj u u^T = Q - a u^T - u a^T,
-             a = w - (Q_jj / 2) u                    (rank two)
+                                                                a = w - (Q_jj / 2) u
+        diag(R') = diag(R) - c * c,   diag(Q') = diag(Q) - 2 a * u
 
-    so ``diag(R)`` and ``d = diag(Q)`` follow by ``O(m)`` vector updates and the two matrices
-    only need their column ``j``: ``O(m)`` amortised ``O(m * block)`` per step plus one BLAS-3
-    block update every ``block`` steps, ``O(m^2)`` per step overall. ``Q`` holds the same
-    information as ``P = M R`` (``Q = R P``) and avoids reading an ``[m, m]`` matrix per step.
+    A step reads one column of each matrix and queues one rank-one and one rank-two term:
+    ``O(m * block)``; every ``block`` steps the queued terms are applied by BLAS-3
+    (``O(m^2 * block)``), so a step costs ``O(m^2)`` amortised and never reads or writes a whole
+    ``[m, m]`` matrix by itself. ``Q`` plays the role of ``P = M R`` (``Q = R P``): keeping
+    ``P`` would need the matrix-vector product ``P^T r`` (all of ``P``) at every step.
     """
 
     def __init__(self, problem: TapProblem, block: int) -> None:
@@ -398,7 +400,9 @@ def greedy_select(problems: Sequence[TapProblem], k: int) -> GreedyPath:
     losses = np.empty(k + 1, dtype=np.float64)
     losses[0] = sum(float(np.einsum("ij,ji->", p.weight, p.sigma)) for p in problems)
     order = np.empty(k, dtype=np.int64)
-    taps = [_TapPath(p, block=max(1, min(_BLOCK, k))) for p in problems]
+    if k == 0:
+        return GreedyPath(order=order, losses=losses)
+    taps = [_TapPath(p, block=min(_BLOCK, k)) for p in problems]
     ridges = np.array([tap.ridge for tap in taps])[:, None]
     chosen = np.zeros(m, dtype=bool)
     for step in range(k):
