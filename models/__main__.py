@@ -20,6 +20,7 @@ from models import crepe, mnist
 from models.runtime import run_onnx
 
 CALIB_IMAGES = 1000
+HELD_OUT_IMAGES = 200
 PRUNE_RATIO = "0.5"
 
 
@@ -41,9 +42,10 @@ def demo(out: Path) -> int:
     calib = out / "mnist_calib.npz"
     shutil.copyfile(mnist.digit_cnn_onnx(), original)
     train_images, _ = mnist.mnist_images("train")
-    np.savez(calib, input=mnist.preprocess(train_images[:CALIB_IMAGES]))
+    np.savez(calib, input=mnist.preprocess(train_images[:CALIB_IMAGES + HELD_OUT_IMAGES]))
     command = [_cli(), str(original), str(pruned), "--calib", str(calib)]
-    command += ["--ratio", PRUNE_RATIO, "--report", str(out / "report.json")]
+    command += ["--ratio", PRUNE_RATIO, "--calib-samples", str(CALIB_IMAGES),
+                "--verify-samples", str(HELD_OUT_IMAGES), "--report", str(out / "report.json")]
     pruned.unlink(missing_ok=True)
     status = _run(command)
 

@@ -81,8 +81,8 @@ class ConvHandler:
                   graph: GraphIndex) -> np.ndarray:
         weight = graph.input_constant(node, 1)
         assert weight is not None
-        taps = weight.astype(np.float64).reshape(weight.shape[0], weight.shape[1], -1)
-        return np.einsum("oct,odt->cd", taps, taps)
+        rows = np.moveaxis(weight.astype(np.float64), 1, -1).reshape(-1, weight.shape[1])
+        return rows.T @ rows  # sum over output channels and kernel taps of W_tap^T W_tap
 
     def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
              kept: np.ndarray, editor: Editor) -> None:

@@ -47,8 +47,9 @@ def _sink_rows_gram(rows: np.ndarray, sink: SinkUse, channels: int) -> np.ndarra
     rows = rows.astype(np.float64)
     if sink.feature_map is None:
         return rows.T @ rows
-    blocks = rows[:, sink.feature_map.lookup(channels)]
-    return np.einsum("ocp,odp->cd", blocks, blocks)
+    blocks = rows[:, sink.feature_map.lookup(channels)]  # [outputs, m, positions]
+    flat = np.moveaxis(blocks, 1, -1).reshape(-1, channels)
+    return flat.T @ flat
 
 
 def _fold_rows(rows: np.ndarray, sink: SinkUse, reconstruction: np.ndarray, kept: np.ndarray,
