@@ -44,10 +44,28 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
             raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+        if isinstance(source, onnx.ModelProto):
+            onnx.checker.check_model(model)
+        else:  # by path: works past 2 GB and checks the external data files
+            onnx.checker.check_model(str(source))
+    except Exception as exc:  # ValidationError, or protobuf errors on a damaged model
         raise ModelError(f"the input model fails the ONNX checker: {exc}") from exc
+    check_opset(model)
     return model
+
+
+MIN_OPSET = 11
+"""Oldest default-domain opset accepted (Pad/Resize/Split semantics the handlers assume)."""
+MAX_OPSET = onnx.defs.onnx_opset_version()
+"""Newest opset the installed onnx package knows (its checker and shape inference)."""
+
+
+def check_opset(model: onnx.ModelProto) -> None:
+    """Raise ModelError unless the model's default-domain opset is in [MIN_OPSET, MAX_OPSET]."""
+    version = opset_version(model)
+    if not MIN_OPSET <= version <= MAX_OPSET:
+        raise ModelError(f"the model imports opset {version}; accepted: opsets {MIN_OPSET} to "
+                         f"{MAX_OPSET} (convert it with onnx.version_converter)")
 
 
 def opset_version(model: onnx.ModelProto) -> int:

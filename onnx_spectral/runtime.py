@@ -30,6 +30,18 @@ def execution_providers(provider: Provider) -> list[str]:
     raise OptionsError(f"unknown provider '{provider}'; accepted: auto, cpu, cuda")
 
 
+_OUT_OF_MEMORY_MARKS = ("out of memory", "failed to allocate", "bad_alloc",
+                        "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a host MemoryError or an ONNX Runtime allocation failure (host/device)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(mark in text for mark in _OUT_OF_MEMORY_MARKS)
+
+
 def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
     """An inference session on an in-memory model (nothing is written to disk)."""
     options = ort.SessionOptions()
