@@ -156,12 +156,12 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) 
     stale = _old_data_files(path) - {path.parent / location}
     with _temporary(path, folder=True) as folder:
         onnx.save_model(model, str(folder / path.name), save_as_external_data=True,
-                        all_tensors_to_external_data=True, location=location,
-                        size_threshold=1024)
+                        all_tensors_to_one_file=True, location=location,
+                        size_threshold=0)
         _fsync(folder / path.name)
         _check(folder / path.name)
         written = [path]
-        if (folder / location).exists():  # absent when every tensor is under 1 KiB
+        if (folder / location).exists():  # absent when the model has no tensors
             _fsync(folder / location)
             os.replace(folder / location, path.parent / location)
             _fsync_folder(path.parent)
