@@ -26,10 +26,8 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import RewriteError
+from .large import is_large
 
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
-"""Models whose tensors take more than this are saved with external data (protobuf's 2 GiB
-limit on one message, with room for the graph itself)."""
 _CHUNK = 1 << 24
 
 
@@ -92,11 +90,6 @@ def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: _write_bytes(temporary, text.encode()))
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes the model's initializers take when serialized."""
-    return sum(tensor.ByteSize() for tensor in model.graph.initializer)
-
-
 def uses_external_data(model: onnx.ModelProto) -> bool:
     """Whether any initializer of `model` refers to an external data file."""
     return any(external_data_helper.uses_external_data(tensor)
@@ -140,12 +133,12 @@ def _old_data_files(path: Path) -> set[Path]:
 def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) -> list[Path]:
     """Write `model` to `path` atomically; return the files written.
 
-    With `external_data`, or when the tensors exceed EXTERNAL_DATA_BYTES, the tensors go to
+    With `external_data`, or when the tensors exceed large.LARGE_BYTES (2 GiB), the tensors go to
     `NAME.<digest>.data` beside `path` (and `model`'s initializers are turned into references
     to that file, in place). The written files pass `onnx.checker` before they are renamed.
     """
     path = Path(path)
-    if not (external_data or tensor_bytes(model) > EXTERNAL_DATA_BYTES):
+    if not (external_data or is_large(model)):
         with _temporary(path, folder=False) as temporary:
             _write_bytes(temporary, model.SerializeToString())
             _check(temporary)

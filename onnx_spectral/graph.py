@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import large
 from .errors import GraphError, ModelError
 
 Dim = int | None
@@ -45,7 +46,7 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
     try:
         if isinstance(source, onnx.ModelProto):
-            onnx.checker.check_model(model)
+            large.check_model(model)
         else:  # by path: works past 2 GB and checks the external data files
             onnx.checker.check_model(str(source))
     except Exception as exc:  # ValidationError, or protobuf errors on a damaged model
@@ -92,7 +93,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop stale value_info and rerun strict ONNX shape inference with data propagation."""
     del model.graph.value_info[:]
     try:
-        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        return large.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
 
@@ -135,7 +136,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Fully static shapes of the tensors shape inference can tell, for folding `Shape` nodes."""
     try:
-        inferred = shape_inference.infer_shapes(model)
+        inferred = large.infer_shapes(model)
     except Exception:  # folding Shape is an optimisation: without inference, skip it
         return {}
     shapes = {}

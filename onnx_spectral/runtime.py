@@ -7,6 +7,7 @@ from typing import Literal
 import onnx
 import onnxruntime as ort
 
+from . import large
 from .errors import OptionsError
 
 Provider = Literal["auto", "cpu", "cuda"]
@@ -43,8 +44,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
-    """An inference session on an in-memory model (nothing is written to disk)."""
+    """An inference session on an in-memory model (written to a temporary file only past 2 GiB)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if large.is_large(model):  # past 2 GiB: through a temporary file with external data
+        with large.on_disk(model) as path:
+            return ort.InferenceSession(str(path), options,
+                                        providers=execution_providers(provider))
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=execution_providers(provider))
