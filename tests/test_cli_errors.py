@@ -241,6 +241,28 @@ def test_fewer_samples_than_channels_warns(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# safety check failed: 5
+
+
+def test_broken_rewrite_fails_the_safety_check(capsys, monkeypatch, tmp_path: Path,
+                                               model_path: Path) -> None:
+    """A rewrite bug (a node reading a tensor nobody produces) is caught before writing."""
+    from onnx_spectral import rewrite as rewrite_module
+
+    real_finish = rewrite_module._Editor.finish
+
+    def broken(self: rewrite_module._Editor) -> onnx.ModelProto:
+        model = real_finish(self)
+        model.graph.node[-1].input[0] = "nowhere"
+        return model
+
+    monkeypatch.setattr(rewrite_module._Editor, "finish", broken)
+    code, err = _run(capsys, model_path, tmp_path / "out.onnx", "--calib", "random", *FAST)
+    _assert_failed(code, err, 5, "the compressed model fails the ONNX checker", "conv2",
+                   folder=tmp_path, before={"in.onnx"})
+
+
+# ---------------------------------------------------------------------------------------------
 # nothing prunable: 6; internal error: 1; interrupted: 130
 
 
