@@ -2,8 +2,8 @@
 
 The 2 GiB code paths (skeletons with external references, sessions and checks through
 temporary files, saving with external data) are exercised on tiny models by lowering
-`large.LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (minutes,
-about 15 GB of memory):
+`large.LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (minutes; it
+needs more than 19 GB of memory, see README "Reliability"):
 
     ONNX_SPECTRAL_SLOW=1 python -m pytest -q -m slow tests/test_large.py
 """
