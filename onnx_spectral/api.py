@@ -29,7 +29,7 @@ from .data import (
     open_calibration,
     split_counts,
 )
-from .errors import OptionsError
+from .errors import OptionsError, UnsupportedGraphError
 from .graph import load_model
 from .instrument import Instrumented, instrument
 from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
@@ -61,6 +61,8 @@ class CompressOptions:
     reconstruct: bool = True
     preprocess: Preprocess | None = None
     progress: bool = False
+    require_prunable: bool = False
+    """Raise UnsupportedGraphError, before calibrating, when no group can be pruned."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -119,6 +121,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         original = load_model(model)
     with clock("analyze"):
         analysis = analyze(original, options.exclude)
+    if options.require_prunable and not analysis.prunable:
+        raise UnsupportedGraphError(_nothing_prunable(analysis))
     specs = model_input_specs(analysis.graph.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -135,6 +139,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
                       if analysis.taps and options.plan_options().needs_statistics
                       else Statistics({}, 0))
         held_out = list(stream.take(n_verify, batch))
+    notes.extend(statistics.notes)
+    notes.extend(_rank_notes(statistics, analysis))
     with clock("select"):
         planned = plan_groups(analysis, statistics, options.plan_options())
     with clock("rewrite"):
@@ -159,6 +165,27 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         warnings=tuple(notes),
     )
     return compressed, report
+
+
+def _nothing_prunable(analysis: Analysis) -> str:
+    reasons = sorted({reason for group in analysis.groups for reason in group.frozen})
+    shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+    return (f"no channel group of the model can be pruned ({len(analysis.groups)} groups, all "
+            f"frozen: {shown or 'the model has no Conv/Gemm/MatMul producer'}); "
+            "`onnx-spectral analyze` lists why, --allow-unchanged writes the model anyway")
+
+
+def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:
+    """Warn about taps whose Gram matrix has fewer rows than channels (singular)."""
+    notes = []
+    for tap in analysis.taps:
+        count = statistics.taps[tap.tensor].count if tap.tensor in statistics.taps else None
+        if count is not None and count < tap.channels:
+            notes.append(f"tensor '{tap.tensor}': {count} calibration rows (samples x positions)"
+                         f" for {tap.channels} channels: its Gram matrix is singular and the "
+                         f"selection rests on the ridge alone; give at least {tap.channels} "
+                         "samples")
+    return notes
 
 
 def _stamp(compressed: onnx.ModelProto, original: onnx.ModelProto,

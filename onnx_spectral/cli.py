@@ -11,11 +11,13 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import onnx
 
+from . import atomic
 from .analysis import analyze
 from .api import CompressOptions, compress
 from .cost import model_cost
@@ -25,9 +27,11 @@ from .errors import (
     GraphError,
     ModelError,
     OptionsError,
+    ResourceError,
     RewriteError,
     SpectralError,
     StatisticsError,
+    UnsupportedGraphError,
 )
 from .graph import load_model
 from .report import analysis_dict, format_analysis
@@ -39,12 +43,25 @@ EXIT_CODES: dict[type[SpectralError], int] = {
     DataError: 4,
     StatisticsError: 4,
     RewriteError: 5,
+    UnsupportedGraphError: 6,
+    ResourceError: 7,
 }
+INTERNAL_ERROR = 1
+"""Exit code of an unexpected exception (a bug: please report it)."""
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as OptionsError: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionsError(f"{message} (see {self.prog} --help)")
 
 
 def _compress_parser() -> argparse.ArgumentParser:
     defaults = CompressOptions()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-spectral",
         description="Prune the channels of an ONNX model by spectral pruning. "
                     "Use `onnx-spectral analyze IN.onnx` to list its channel groups.")
@@ -79,11 +96,17 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="for image folders, e.g. 'resize=256,crop=224,"
                              "mean=0.485:0.456:0.406,std=0.229:0.224:0.225'")
     parser.add_argument("--report", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--external-data", action="store_true",
+                        help="write the tensors to OUT.<digest>.data beside OUT (automatic when "
+                             "the input has external data or the tensors exceed 2 GB)")
+    parser.add_argument("--allow-unchanged", action="store_true",
+                        help="write the model even when no channel group can be pruned "
+                             "(default: exit 6 and write nothing)")
     return parser
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnx-spectral analyze",
+    parser = _Parser(prog="onnx-spectral analyze",
                                      description="List the channel groups of a model.")
     parser.add_argument("input", type=Path, help="model to analyze (.onnx)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
@@ -91,39 +114,63 @@ def _analyze_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _run_compress(argv: Sequence[str]) -> int:
     args = _compress_parser().parse_args(argv)
-    if args.output.resolve() == args.input.resolve():
-        raise OptionsError(f"output '{args.output}' is the input model; give another path")
+    _check_paths(args.input, args.output, args.report)
     options = CompressOptions(
         ratio=args.ratio, theta=args.theta, ridge=args.ridge, batch_size=args.batch_size,
         calib_samples=args.calib_samples, verify_samples=args.verify_samples,
         provider=args.provider, exclude=tuple(args.exclude), seed=args.seed,
         round_to=args.round_to, selection=args.selection,
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), require_prunable=not args.allow_unchanged,
     )
     model, report = compress(args.input, args.calib, options)
-    _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))
+    external = args.external_data or _has_external_data(args.input)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    written = atomic.save_model(model, args.output, external_data=external)
     if args.report is not None:
-        _write_atomically(args.report, lambda path: path.write_text(report.to_json()))
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(args.report, report.to_json())
     print(report.format())
-    print(f"wrote {args.output}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _has_external_data(path: Path) -> bool:
+    try:
+        return atomic.uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:  # compress read it already; a race is caught by the final checks
+        return False
+
+
+def _check_paths(model: Path, output: Path, report: Path | None) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or cannot be written."""
+    if output.resolve() == model.resolve():
+        raise OptionsError(f"output '{output}' is the input model; give another path")
+    if report is not None and report.resolve() in (model.resolve(), output.resolve()):
+        raise OptionsError(f"--report '{report}' is the input or the output model; "
+                           "give another path")
+    for path in (output, report):
+        if path is not None:
+            _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise OptionsError(f"output '{path}' is a folder; give a file path")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OptionsError(f"cannot write '{path}': '{folder}' is not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".onnx-spectral-probe.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OptionsError(f"cannot write '{path}': folder '{folder}' is not writable "
+                           f"({exc.strerror}); give a writable output path") from exc
 
 
 def _run_analyze(argv: Sequence[str]) -> int:
@@ -139,7 +186,11 @@ def _run_analyze(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `onnx-spectral` console script; returns the exit code."""
+    """Entry point of the `onnx-spectral` console script; returns the exit code.
+
+    Every failure prints one line `onnx-spectral: error: ...` to stderr and returns its code
+    (EXIT_CODES, INTERNAL_ERROR, INTERRUPTED); nothing is written unless the run succeeds.
+    """
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         if arguments[:1] == ["analyze"]:
@@ -148,6 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpectralError as exc:
         print(f"onnx-spectral: error: {exc}", file=sys.stderr)
         return next((code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), 1)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("onnx-spectral: interrupted; no output was written", file=sys.stderr)
+        return INTERRUPTED
+    except MemoryError:
+        print("onnx-spectral: error: out of memory; lower --batch-size or use a larger "
+              "machine; no output was written", file=sys.stderr)
+        return EXIT_CODES[ResourceError]
+    except Exception as exc:  # a bug: one line, the code says so, and nothing was written
+        print(f"onnx-spectral: internal error: {type(exc).__name__}: {exc} (please report "
+              "this; no output was written)", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

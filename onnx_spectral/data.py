@@ -230,6 +230,16 @@ def _cast(spec: InputSpec, array: np.ndarray) -> np.ndarray:
     return array.astype(spec.dtype)
 
 
+def _check_finite(batch: FeedDict, offset: int) -> None:
+    """Raise DataError naming the input and sample when a float array holds NaN or Inf."""
+    for name, array in batch.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            flat = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            sample = offset + int(np.argmin(flat))
+            raise DataError(f"input '{name}': sample {sample} holds NaN or Inf; calibration "
+                            "accepts finite values only")
+
+
 # ---------------------------------------------------------------------------------------------
 # The stream
 
@@ -253,6 +263,7 @@ class SampleStream:
         self._known_length = known_length
         self._pending: deque[FeedDict] = deque()  # read, not yet emitted
         self._pending_count = 0
+        self._emitted = 0  # samples returned so far, for error messages
 
     @property
     def known_length(self) -> int | None:
@@ -298,10 +309,13 @@ class SampleStream:
             pieces.append(chunk)
             got += _count(chunk)
         self._pending_count -= size
-        return {
+        batch = {
             spec.name: _cast(spec, np.concatenate([piece[spec.name] for piece in pieces]))
             for spec in self._inputs
         }
+        _check_finite(batch, self._emitted)
+        self._emitted += size
+        return batch
 
     def _read_chunk(self) -> bool:
         chunk = next(self._chunks, None)

@@ -50,3 +50,11 @@ class StatisticsError(SpectralError):
 
 class RewriteError(SpectralError):
     """The compressed model failed a safety check; nothing was written."""
+
+
+class UnsupportedGraphError(SpectralError):
+    """No channel group of the model can be pruned: compressing it would change nothing."""
+
+
+class ResourceError(SpectralError):
+    """Calibration or verification ran out of memory even with batches of one sample."""

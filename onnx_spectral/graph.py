@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import large
 from .errors import GraphError, ModelError
 
 Dim = int | None
@@ -44,10 +45,28 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
             raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+        if isinstance(source, onnx.ModelProto):
+            large.check_model(model)
+        else:  # by path: works past 2 GB and checks the external data files
+            onnx.checker.check_model(str(source))
+    except Exception as exc:  # ValidationError, or protobuf errors on a damaged model
         raise ModelError(f"the input model fails the ONNX checker: {exc}") from exc
+    check_opset(model)
     return model
+
+
+MIN_OPSET = 11
+"""Oldest default-domain opset accepted (Pad/Resize/Split semantics the handlers assume)."""
+MAX_OPSET = onnx.defs.onnx_opset_version()
+"""Newest opset the installed onnx package knows (its checker and shape inference)."""
+
+
+def check_opset(model: onnx.ModelProto) -> None:
+    """Raise ModelError unless the model's default-domain opset is in [MIN_OPSET, MAX_OPSET]."""
+    version = opset_version(model)
+    if not MIN_OPSET <= version <= MAX_OPSET:
+        raise ModelError(f"the model imports opset {version}; accepted: opsets {MIN_OPSET} to "
+                         f"{MAX_OPSET} (convert it with onnx.version_converter)")
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -74,7 +93,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop stale value_info and rerun strict ONNX shape inference with data propagation."""
     del model.graph.value_info[:]
     try:
-        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        return large.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
 
@@ -117,7 +136,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Fully static shapes of the tensors shape inference can tell, for folding `Shape` nodes."""
     try:
-        inferred = shape_inference.infer_shapes(model)
+        inferred = large.infer_shapes(model)
     except Exception:  # folding Shape is an optimisation: without inference, skip it
         return {}
     shapes = {}

@@ -96,6 +96,11 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
                options: PlanOptions) -> PlannedGroup:
     """Choose the kept channels of one prunable group and its taps' reconstructions."""
     width = uniform_width(group.channels, options.ratio, options.round_to)
+    if width == group.channels:  # nothing is dropped, so nothing to reconstruct (exact)
+        kept = np.arange(group.channels)
+        identity = _dropping(group.channels, kept)
+        return PlannedGroup(GroupPlan(group, kept, {tap.tensor: identity for tap in group.taps}),
+                            None)
     if not options.needs_statistics:
         kept = np.sort(_l1_kept(analysis, group, width))
         dropping = _dropping(group.channels, kept)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import large
 from .analysis import Analysis, ChannelGroup
 from .errors import RewriteError
 from .graph import GraphIndex, infer_shapes, tensor_dims
@@ -108,7 +109,7 @@ def rewrite(analysis: Analysis, plans: Sequence[GroupPlan]) -> onnx.ModelProto:
     model = editor.finish()
     try:
         model = infer_shapes(model)
-        onnx.checker.check_model(model, full_check=True)
+        large.check_model(model, full_check=True)
     except Exception as exc:
         raise RewriteError(f"the compressed model fails the ONNX checker: {exc}") from exc
     check_interface(analysis.graph.model, model)

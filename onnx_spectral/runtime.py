@@ -7,6 +7,7 @@ from typing import Literal
 import onnx
 import onnxruntime as ort
 
+from . import large
 from .errors import OptionsError
 
 Provider = Literal["auto", "cpu", "cuda"]
@@ -30,9 +31,25 @@ def execution_providers(provider: Provider) -> list[str]:
     raise OptionsError(f"unknown provider '{provider}'; accepted: auto, cpu, cuda")
 
 
+_OUT_OF_MEMORY_MARKS = ("out of memory", "failed to allocate", "bad_alloc",
+                        "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a host MemoryError or an ONNX Runtime allocation failure (host/device)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(mark in text for mark in _OUT_OF_MEMORY_MARKS)
+
+
 def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
-    """An inference session on an in-memory model (nothing is written to disk)."""
+    """An inference session on an in-memory model (written to a temporary file only past 2 GiB)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if large.is_large(model):  # past 2 GiB: through a temporary file with external data
+        with large.on_disk(model) as path:
+            return ort.InferenceSession(str(path), options,
+                                        providers=execution_providers(provider))
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=execution_providers(provider))

@@ -13,7 +13,8 @@ import onnx
 
 from .calibrate import TapStatistics
 from .data import FeedDict
-from .runtime import Provider, open_session
+from .errors import ModelError, ResourceError, RewriteError
+from .runtime import Provider, is_out_of_memory, open_session
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,20 @@ class Verification:
     outputs: tuple[OutputAgreement, ...]
 
 
-def _run_all(model: onnx.ModelProto, batches: Sequence[FeedDict], provider: Provider
-             ) -> list[np.ndarray]:
-    session = open_session(model, provider)
-    names = [output.name for output in session.get_outputs()]
-    per_batch = [session.run(names, feeds) for feeds in batches]
+def _run_all(model: onnx.ModelProto, batches: Sequence[FeedDict], provider: Provider,
+             role: str) -> list[np.ndarray]:
+    """Outputs of `model` over all batches; `role` ("input", "compressed") picks the error."""
+    try:
+        session = open_session(model, provider)
+        names = [output.name for output in session.get_outputs()]
+        per_batch = [session.run(names, feeds) for feeds in batches]
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise ResourceError(f"out of memory running the {role} model on held-out batches: "
+                                f"{exc}; lower --batch-size") from exc
+        kind = ModelError if role == "input" else RewriteError
+        raise kind(f"ONNX Runtime cannot run the {role} model on held-out samples: {exc}"
+                   ) from exc
     return [np.concatenate([np.asarray(result[i]) for result in per_batch])
             for i in range(len(names))]
 
@@ -65,8 +75,8 @@ def _agreement(name: str, original: np.ndarray, compressed: np.ndarray) -> Outpu
 def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto,
                    batches: Sequence[FeedDict], provider: Provider) -> Verification:
     """Run both models on the same held-out batches and compare every output."""
-    reference = _run_all(original, batches, provider)
-    candidate = _run_all(compressed, batches, provider)
+    reference = _run_all(original, batches, provider, "input")
+    candidate = _run_all(compressed, batches, provider, "compressed")
     names = [output.name for output in original.graph.output]
     outputs = tuple(_agreement(name, ref, new)
                     for name, ref, new in zip(names, reference, candidate, strict=True))
