@@ -55,8 +55,9 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-MIN_OPSET = 11
-"""Oldest default-domain opset accepted (Pad/Resize/Split semantics the handlers assume)."""
+MIN_OPSET = 9
+"""Oldest default-domain opset accepted (the handlers read Pad/Resize/Split/Slice/Upsample from
+their opset 9 forms on; older forms are not supported)."""
 MAX_OPSET = onnx.defs.onnx_opset_version()
 """Newest opset the installed onnx package knows (its checker and shape inference)."""
 
