@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
+from . import large
 from .errors import RewriteError
 from .large import is_large
 
@@ -108,6 +109,10 @@ def _data_digest(model: onnx.ModelProto) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for tensor in model.graph.initializer:
         digest.update(tensor.name.encode())
+        if large.is_lazy(tensor):  # the bytes it would hold if loaded: the same digest
+            for chunk in large.read_chunks(tensor):
+                digest.update(chunk)
+            continue
         digest.update(tensor.raw_data if tensor.HasField("raw_data")
                       else tensor.SerializeToString())
     return digest.hexdigest()
@@ -148,9 +153,7 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) 
     location = f"{path.name}.{_data_digest(model)}.data"
     stale = _old_data_files(path) - {path.parent / location}
     with _temporary(path, folder=True) as folder:
-        onnx.save_model(model, str(folder / path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=location,
-                        size_threshold=0)
+        large.save_with_external_data(model, folder / path.name, location)
         _fsync(folder / path.name)
         _check(folder / path.name)
         written = [path]

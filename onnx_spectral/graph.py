@@ -9,7 +9,7 @@ consumes it, its static shape, and its constant value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         if not path.is_file():
             raise ModelError(f"model file '{path}' does not exist (expected an .onnx file)")
         try:
-            model = onnx.load(str(path))
+            model = large.load(path)
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
             raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
     try:
@@ -114,11 +114,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     graph = model.graph
     opset = opset_version(model)
     graph_inputs = {value.name for value in graph.input}
-    constants = {
-        init.name: numpy_helper.to_array(init)
-        for init in graph.initializer
-        if init.name not in graph_inputs
-    }
+    constants = large.constants(graph.initializer, graph_inputs)
     static_shapes = _static_shapes(model)
     kept_nodes = []
     for node in graph.node:
@@ -230,7 +226,7 @@ class GraphIndex:
     """Read-only index over a normalized model (see `normalize`)."""
 
     model: onnx.ModelProto
-    constants: dict[str, np.ndarray] = field(init=False)
+    constants: MutableMapping[str, np.ndarray] = field(init=False)
     producers: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(init=False)
     shapes: dict[str, tuple[Dim, ...]] = field(init=False)
@@ -240,11 +236,7 @@ class GraphIndex:
     def __post_init__(self) -> None:
         graph = self.model.graph
         graph_inputs = {value.name for value in graph.input}
-        self.constants = {
-            init.name: numpy_helper.to_array(init)
-            for init in graph.initializer
-            if init.name not in graph_inputs
-        }
+        self.constants = large.constants(graph.initializer, graph_inputs)
         self.producers = {}
         self.consumers = {}
         self.nodes_by_name = {}

@@ -48,6 +48,7 @@ def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSes
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if large.is_large(model):  # past 2 GiB: through a temporary file with external data
+        options.add_session_config_entry("session.disable_prepacking", "1")  # no weight copy
         with large.on_disk(model) as path:
             return ort.InferenceSession(str(path), options,
                                         providers=execution_providers(provider))
