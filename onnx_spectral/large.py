@@ -17,6 +17,7 @@ into the output's data file, so the weights are never all in memory at once.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -181,6 +182,37 @@ def constants(tensors: Iterable[TensorProto], skip: set[str]
         return LazyConstants(tensors, skip)
     return {tensor.name: numpy_helper.to_array(tensor) for tensor in tensors
             if tensor.name not in skip}
+
+
+_spill: list[Path] = []
+
+
+def _spill_folder() -> Path:
+    """This process's folder for the new tensors of large models; removed at exit."""
+    if not _spill:
+        _spill.append(Path(tempfile.mkdtemp(prefix="onnx-spectral-tensors-")))
+        atexit.register(shutil.rmtree, _spill[0], True)
+    return _spill[0]
+
+
+def initializer(value: np.ndarray, name: str, spill: bool) -> TensorProto:
+    """`numpy_helper.from_array(value, name)`; with `spill`, a value over STUB_BYTES is
+    written to a file of a temporary folder (removed when the process exits) and the tensor
+    is a lazy reference to it, so that a large model's new tensors are never held in memory.
+    A model holding such tensors is saved with `save_with_external_data` (as
+    `atomic.save_model` does), which copies their bytes to the model's own data file."""
+    if (not spill or value.nbytes <= STUB_BYTES
+            or helper.np_dtype_to_tensor_dtype(value.dtype) not in _MAPPABLE):
+        return numpy_helper.from_array(value, name)
+    handle, location = tempfile.mkstemp(dir=_spill_folder(), suffix=".data")
+    with os.fdopen(handle, "wb") as file:
+        np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tofile(file)
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    _point(tensor, location, 0, value.nbytes)
+    return tensor
 
 
 def _copy_fields(source: object, target: object, skip: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from . import large
 from .analysis import Analysis, ChannelGroup
@@ -66,14 +66,16 @@ class _Editor:
         """Write the edited constants as fresh initializers and drop unused ones."""
         graph = self.model.graph
         taken = {init.name for init in graph.initializer}
+        spill = large.is_large(self.model)
         for (node_name, position), value in self._values.items():
             node = self._nodes[node_name]
             name = f"{node.input[position]}__{node_name}"
             while name in taken:
                 name += "_"
             taken.add(name)
-            graph.initializer.append(numpy_helper.from_array(value, name))
+            graph.initializer.append(large.initializer(value, name, spill))
             node.input[position] = name
+        self._values.clear()  # the new tensors are in the model (or, past 2 GiB, on disk)
         used = {name for node in graph.node for name in node.input}
         kept = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]

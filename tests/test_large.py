@@ -154,17 +154,30 @@ HIDDEN = 512
 
 def wide_mlp(folder: Path, wide: int = WIDE) -> Path:
     """x [N, wide] -> fc1 (512) -> Relu -> fc2 (512) -> Relu -> fc3 (wide) -> y, saved with
-    external data (past 2 GiB a single file cannot hold it); 4096 * wide bytes of weights."""
+    external data (past 2 GiB a single file cannot hold it); 4096 * wide bytes of weights.
+    The data file is written a block of rows at a time: the model is never in memory."""
     rng = np.random.default_rng(0)
     inits = []
-    for name, shape in (("fc1_w", (HIDDEN, wide)), ("fc2_w", (HIDDEN, HIDDEN)),
-                        ("fc3_w", (wide, HIDDEN))):
-        weight = rng.standard_normal(shape, dtype=np.float32)
-        weight *= np.float32(1.0 / np.sqrt(shape[1]))
-        inits.append(numpy_helper.from_array(weight, name))
-        del weight
-    for name, size in (("fc1_b", HIDDEN), ("fc2_b", HIDDEN), ("fc3_b", wide)):
-        inits.append(numpy_helper.from_array(np.full(size, 0.1, np.float32), name))
+    with open(folder / "wide.data", "wb") as data:
+        for name, shape in (("fc1_w", (HIDDEN, wide)), ("fc2_w", (HIDDEN, HIDDEN)),
+                            ("fc3_w", (wide, HIDDEN)), ("fc1_b", (HIDDEN,)),
+                            ("fc2_b", (HIDDEN,)), ("fc3_b", (wide,))):
+            offset = data.tell()
+            if name.endswith("_w"):
+                scale = np.float32(1.0 / np.sqrt(shape[1]))
+                step = max(1, (1 << 24) // shape[1])
+                for start in range(0, shape[0], step):
+                    rows = min(step, shape[0] - start)
+                    (rng.standard_normal((rows, shape[1]), dtype=np.float32) * scale).tofile(data)
+            else:
+                np.full(shape, 0.1, np.float32).tofile(data)
+            tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", "wide.data"), ("offset", str(offset)),
+                               ("length", str(data.tell() - offset))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            inits.append(tensor)
     nodes = [
         helper.make_node("Gemm", ["x", "fc1_w", "fc1_b"], ["h1"], name="fc1", transB=1),
         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
@@ -177,24 +190,30 @@ def wide_mlp(folder: Path, wide: int = WIDE) -> Path:
             "y", TensorProto.FLOAT, ["N", wide])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "wide.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="wide.data")
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
     return path
 
 
 def compress_in_subprocess(path: Path, out: Path, large_bytes: int | None = None
                            ) -> tuple[subprocess.CompletedProcess[str], float, float]:
     """Compress the wide MLP at `path` with the CLI in a fresh process (48 random samples:
-    40 to calibrate, 8 to verify), with large.LARGE_BYTES set to `large_bytes` if given.
-    Returns the finished process, its peak resident memory in GB (2^30 bytes; mapped file
-    pages count) and the wall time in seconds."""
+    40 to calibrate, 8 to verify). `large_bytes`: take the paths of models past 2 GiB at a
+    small size (large.LARGE_BYTES and the float64 block size of big sink weights lowered).
+    Returns the finished process, its peak resident memory in GB (2^30 bytes: VmHWM, which
+    counts mapped file pages; not ru_maxrss, which Linux carries over from the parent across
+    fork + exec) and the wall time in seconds."""
     wide = onnx.load(str(path), load_external_data=False).graph.input[0] \
         .type.tensor_type.shape.dim[1].dim_value
     np.save(out.parent / "x.npy",
             np.random.default_rng(1).standard_normal((48, wide)).astype(np.float32))
-    script = ("import resource, sys; from onnx_spectral import cli, large; "
-              f"large.LARGE_BYTES = {large_bytes or large.LARGE_BYTES}; "
+    lower = (f"large.LARGE_BYTES = {large_bytes}; linear._BLOCK_BYTES = {large_bytes // 8}; "
+             if large_bytes else "")
+    script = ("import sys; from onnx_spectral import cli, large; "
+              "from onnx_spectral.ops import linear; " + lower +
               "code = cli.main(sys.argv[1:]); "
-              "print('peak_rss_gb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20); "
+              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+              "print('peak_rss_gb', int(hwm.split()[1]) / 2**20); "
               "sys.exit(code)")
     start = time.perf_counter()
     result = subprocess.run(

@@ -42,8 +42,25 @@ def _register_sink(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
                                       feature_map))
 
 
+_BLOCK_BYTES = 1 << 28
+"""Plain sink weights larger than this go to float64 a block of rows at a time, so that a
+weight of a model past 2 GiB (often memory-mapped) is never copied whole in float64."""
+
+
+def _row_blocks(rows: np.ndarray) -> list[slice]:
+    """Slices of at most _BLOCK_BYTES / 2 (float32) of the rows of `rows` [outputs, F]."""
+    step = max(1, _BLOCK_BYTES // 2 // max(1, rows[:1].nbytes))
+    return [slice(start, start + step) for start in range(0, rows.shape[0], step)]
+
+
 def _sink_rows_gram(rows: np.ndarray, sink: SinkUse, channels: int) -> np.ndarray:
     """Z^T Z [m, m] of weight rows [outputs, features], summed over spatial blocks."""
+    if sink.feature_map is None and rows.nbytes > _BLOCK_BYTES:
+        gram = np.zeros((rows.shape[1], rows.shape[1]))
+        for block in _row_blocks(rows):
+            part = rows[block].astype(np.float64)
+            gram += part.T @ part
+        return gram
     rows = rows.astype(np.float64)
     if sink.feature_map is None:
         return rows.T @ rows
@@ -55,6 +72,11 @@ def _sink_rows_gram(rows: np.ndarray, sink: SinkUse, channels: int) -> np.ndarra
 def _fold_rows(rows: np.ndarray, sink: SinkUse, reconstruction: np.ndarray, kept: np.ndarray,
                editor: Editor) -> np.ndarray:
     """Weight rows [outputs, F] -> [outputs, F'] with the reconstruction A ([m, k]) folded in."""
+    if sink.feature_map is None and rows.nbytes > _BLOCK_BYTES:
+        folded = np.empty((rows.shape[0], reconstruction.shape[1]), dtype=rows.dtype)
+        for block in _row_blocks(rows):
+            folded[block] = rows[block].astype(np.float64) @ reconstruction
+        return folded
     wide = rows.astype(np.float64)
     if sink.feature_map is None:
         return (wide @ reconstruction).astype(rows.dtype)
