@@ -2,8 +2,8 @@
 
 The 2 GiB code paths (skeletons with external references, sessions and checks through
 temporary files, saving with external data) are exercised on tiny models by lowering
-`large.LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (minutes; it
-peak memory about PEAK x the model's size, see README "Reliability"):
+`large.LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (about two
+minutes and 2.5 GB of memory, 1.25x the model's size; see README "Reliability"):
 
     ONNX_SPECTRAL_SLOW=1 python -m pytest -q -m slow tests/test_large.py
 """
