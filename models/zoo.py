@@ -59,7 +59,7 @@ def light_model(name: str, seed: int = 0) -> Path:
     probabilities [1, 1000] after Softmax); the file lies under ``<cache>/onnx/``.
     """
     source = light_source(name)
-    path = cache_dir() / "onnx" / f"{source.stem}_seed{seed}.onnx"
+    path = cache_dir() / "onnx" / f"{source.stem}_seed{seed}_pink.onnx"
     if path.is_file():
         return path
     model = randomize_light_model(onnx.load(str(source)), seed)
@@ -81,10 +81,26 @@ def light_input_name(model: str | Path | onnx.ModelProto) -> str:
     return names[0]
 
 
-def light_inputs(count: int, seed: int = 1) -> np.ndarray:
-    """Seeded standard-normal images: float32 [count, 3, 224, 224]."""
+def light_inputs(count: int, seed: int = 1, size: int = 224) -> np.ndarray:
+    """Seeded natural-like random images: float32 [count, 3, size, size].
+
+    Each image is 1/f noise (amplitude spectrum falling as 1/frequency, as in photographs) with
+    correlated colour channels (a shared luminance plus weaker chroma), standardized per image
+    and channel. White noise would not do: pooling averages it away, so a random network's
+    output would hardly depend on its input.
+    """
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((count, 3, 224, 224), dtype=np.float32)
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    radius = np.sqrt(fx**2 + fy**2)
+    radius[0, 0] = 1.0 / size
+    shape = (count, 4, size, fx.shape[1])
+    spectrum = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / radius
+    planes = np.fft.irfft2(spectrum, s=(size, size))
+    images = planes[:, :1] + 0.4 * planes[:, 1:]
+    images -= images.mean(axis=(2, 3), keepdims=True)
+    images /= images.std(axis=(2, 3), keepdims=True)
+    return images.astype(np.float32)
 
 
 def light_batches(name: str, count: int, seed: int = 1) -> Iterator[dict[str, np.ndarray]]:

@@ -182,3 +182,14 @@ def test_grouped_conv_is_frozen_with_its_reason() -> None:
     model = graphs.conv_sandwich(graphs.grouped_conv, channels=8)
     group = _by_producer(analyze(model).groups)["conv1"]
     assert any("grouped Conv (group=2)" in reason for reason in group.frozen)
+
+
+def test_negative_dim_value_is_read_as_dynamic() -> None:
+    """Paddle exports write dim_value -1 for a dynamic axis (the PP-OCR classifier does)."""
+    from tests import graphs
+    model = graphs.conv_sandwich(graphs.unary("Relu"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    compressed, _ = compress(model, _data(model, 64, seed=1), ratio=0.5, **FAST)
+    assert _constant(compressed, "conv1", 1).shape == (4, 3, 3, 3)
+    _check_runs_like(model, compressed, _data(model, 3, seed=2))
