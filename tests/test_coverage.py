@@ -91,16 +91,19 @@ def _ffn(activation: str) -> Case:
                 {("ff1", 1): (12, 8), ("ff1_bias", 1): (8,), ("ff2", 1): (8, 12)})
 
 
+CURRENT = onnx.defs.onnx_opset_version()
+"""The newest opset this onnx release defines (28 for onnx 1.23)."""
+
 CASES = [
-    _fire(17), _fire(9),
+    _fire(17), _fire(9), _fire(CURRENT),
     Case("dense-block-nested-Concat", coverage.dense_block, ("stem", "l1", "l2"),
          {"head": "graph output", "side": "graph output"},
          {("stem", 1): (3, 3, 3, 3), ("l1", 1): (2, 3, 3, 3), ("l2", 1): (2, 5, 3, 3),
           ("head", 1): (5, 7, 3, 3), ("side", 1): (3, 4, 3, 3)}),
-    _c2f(17, False), _c2f(11, False), _c2f(18, True), _c2f(13, True),
-    _slices(17), _slices(9),
+    _c2f(17, False), _c2f(11, False), _c2f(18, True), _c2f(13, True), _c2f(CURRENT, True),
+    _slices(17), _slices(9), _slices(CURRENT),
     _se("Sigmoid"), _se("HardSigmoid"), _se("HardSwish"),
-    _decoder(17), _decoder(10), _decoder(9),
+    _decoder(17), _decoder(10), _decoder(9), _decoder(CURRENT),
     _ffn("Gelu"), _ffn("Erf"),
     Case("Reshape-hard-coded-channels", coverage.reshape_keeps_channels, ("c1",),
          {"fc": "graph output"}, {("c1", 1): (4, 3, 3, 3), ("fc", 1): (3, 4)},

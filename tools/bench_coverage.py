@@ -67,11 +67,25 @@ def prunable_channels(analysis: Analysis) -> dict[str, tuple[int, int]]:
 
 
 def shares(model: onnx.ModelProto, analysis: Analysis) -> tuple[float, float]:
-    """(share over all producers, share over convs without the first and the last layer)."""
+    """(share over all producers, share over convs without the first and the last layer).
+
+    Producers are the Conv, ConvTranspose, Gemm and MatMul nodes with a constant weight; a
+    node's output channels count as prunable when its group (or its split pieces) is.
+    """
     channels = prunable_channels(analysis)
-    ordered = [node for node in analysis.graph.nodes if node.name in channels]
-    total = [channels[node.name] for node in ordered]
-    inner = [channels[node.name] for node in ordered[1:-1] if node.op_type == "Conv"]
+    graph = analysis.graph
+    ordered = [node for node in graph.nodes
+               if node.op_type in PRODUCERS and graph.input_constant(node, 1) is not None]
+
+    def pair(node: onnx.NodeProto) -> tuple[int, int]:
+        if node.name in channels:
+            return channels[node.name]
+        dims = graph.static_shape(node.output[0], node.name)
+        size = dims[1] if node.op_type in ("Conv", "ConvTranspose") else dims[-1]
+        return 0, int(size or 0)
+
+    total = [pair(node) for node in ordered]
+    inner = [pair(node) for node in ordered[1:-1] if node.op_type == "Conv"]
 
     def share(pairs: list[tuple[int, int]]) -> float:
         return sum(p for p, _ in pairs) / max(1, sum(c for _, c in pairs))

@@ -53,7 +53,10 @@ class ConvHandler:
                                         "on an axis other than 1")
             return
         if kind == "grouped":
-            freeze_inputs(node, ctx, f"grouped Conv (group={group}) that is not depthwise")
+            reason = f"grouped Conv (group={group}) that is not depthwise"
+            freeze_inputs(node, ctx, reason)
+            produced = ctx.new_group(node.name, int(weight.shape[0]), output, axis=1, rank=rank)
+            ctx.freeze(produced, f"{reason} ({node.op_type} node '{node.name}' makes it)")
             return
         if isinstance(state, Plain) and state.axis == 1:
             ctx.add_sink(state.group, SinkUse(node.name, 0, node.input[0], 1))
@@ -108,8 +111,11 @@ class ConvTransposeHandler:
         state = ctx.state(node.input[0])
         depthwise = group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
         if group > 1 and not depthwise:
-            freeze_inputs(node, ctx, f"grouped ConvTranspose (group={group}) that is not "
-                                     "depthwise")
+            reason = f"grouped ConvTranspose (group={group}) that is not depthwise"
+            freeze_inputs(node, ctx, reason)
+            produced = ctx.new_group(node.name, int(weight.shape[1]) * group, node.output[0],
+                                     axis=1, rank=weight.ndim)
+            ctx.freeze(produced, f"{reason} (node '{node.name}' makes it)")
             return
         if state is not None and not (isinstance(state, Plain) and state.axis == 1):
             ctx.freeze(state.group, f"ConvTranspose '{node.name}' reads the group on an axis "
