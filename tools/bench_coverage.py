@@ -32,6 +32,7 @@ from models.zoo import LIGHT_MODELS, light_batches, light_input_name, light_mode
 from onnx_spectral import compress
 from onnx_spectral.analysis import Analysis, ChannelGroup, analyze
 from onnx_spectral.cost import model_cost
+from onnx_spectral.graph import normalize
 from onnx_spectral.rewrite import check_interface
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -185,7 +186,8 @@ HEADER = ("| model | channels in prunable groups | inner convs | params | MACs |
 
 
 def with_static_input(model: onnx.ModelProto, dims: dict[int, int]) -> onnx.ModelProto:
-    """A copy whose first input has the given static dims (axis -> size), for counting MACs."""
+    """A copy whose first input has the given static dims (axis -> size), for counting MACs
+    (normalize it to fold the shape subgraphs exporters leave)."""
     static = onnx.ModelProto()
     static.CopyFrom(model)
     for axis, size in dims.items():
@@ -212,8 +214,8 @@ def measure_ppocr(ratio: float = 0.75, calib: int = 500, test: int = 400) -> str
     before, after = run_onnx(model, test_x).argmax(1), run_onnx(compressed, test_x).argmax(1)
     agree = before == after
     size = {2: ppocr.HEIGHT, 3: ppocr.WIDTH}
-    macs = (model_cost(with_static_input(model, size)).macs,
-            model_cost(with_static_input(compressed, size)).macs)
+    macs = (model_cost(normalize(with_static_input(model, size))).macs,
+            model_cost(normalize(with_static_input(compressed, size))).macs)
     groups = [group for group in report.groups if group.producers]
     share = (sum(group.channels for group in groups if not group.frozen)
              / sum(group.channels for group in groups))
