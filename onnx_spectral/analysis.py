@@ -4,6 +4,14 @@ One walk over the normalized graph in topological order. Producers create groups
 ops pass them on, couplings merge them (union-find), sinks register the taps whose statistics
 calibration gathers, and anything the handlers cannot prove safe freezes the group with a
 reason. An op without a handler freezes every group that reaches it.
+
+Concat and Split on the channel axis make *derived* groups: a concatenated tensor's channels are
+the ordered parts of other groups (or of untracked tensors kept whole), and a split tensor's
+group is refined into one base group per output. Only base groups are selected; a derived
+group's kept channels are assembled from its parts', its channel-wise members are sliced with
+them, and its sinks get one reconstruction over all its kept channels. Freezing a derived group
+freezes its parts; a base group whose only readers are concatenations is prunable when those
+have sinks.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .errors import OptionsError
@@ -32,6 +41,10 @@ class Tap:
     sinks: tuple[SinkUse, ...]
 
 
+Part = tuple[int | None, int, int]
+"""(base group id or None for untracked channels kept whole, offset, size) in a derived group."""
+
+
 @dataclass(frozen=True)
 class ChannelGroup:
     """Channels 0..channels-1 shared by every tensor in `tensors`."""
@@ -44,6 +57,9 @@ class ChannelGroup:
     tensors: tuple[str, ...]
     frozen: tuple[str, ...]
     """Why the group must be kept whole; empty when it is prunable."""
+    parts: tuple[Part, ...] = ()
+    """For a derived group (Concat, Split), its base parts in channel order; empty for a base
+    group, which is selected on its own."""
 
     @property
     def prunable(self) -> bool:
@@ -75,6 +91,7 @@ class _GroupRecord:
     sinks: list[SinkUse] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
 
 
 class _Context:
@@ -116,12 +133,52 @@ class _Context:
         keep, gone = min(first, second), max(first, second)
         self._parent[gone] = keep
         kept, merged = self._records[keep], self._records.pop(gone)
+        if kept.parts or merged.parts:
+            kept.frozen.append(f"channels of a concatenation or split are coupled with other "
+                               f"channels at '{tensor}'")
+            kept.parts = kept.parts or merged.parts
         kept.producers += merged.producers
         kept.members += merged.members
         kept.sinks += merged.sinks
         kept.tensors += merged.tensors
         kept.frozen += merged.frozen
         return keep
+
+    def new_derived(self, parts: list[tuple[int | None, int]], tensor: str, axis: int,
+                    rank: int) -> int:
+        """A group whose channels are the given (group or None, size) parts in order."""
+        group = len(self._parent)
+        self._parent.append(group)
+        offsets = np.cumsum([0] + [size for _, size in parts])
+        self._records[group] = _GroupRecord(
+            int(offsets[-1]), parts=[(part, int(offset), size)
+                                     for (part, size), offset in zip(parts, offsets, strict=False)])
+        self.set_state(tensor, Plain(group, axis, rank))
+        return group
+
+    def refine(self, group: int, sizes: list[int]) -> list[int] | None:
+        """Split a group's channels into consecutive base groups of `sizes`; their ids.
+
+        None when the group is already derived with other boundaries (or is a concatenation).
+        """
+        record = self._records[self.find(group)]
+        offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
+        if record.parts:
+            same = [(offset, size) for _, offset, size in record.parts] == list(
+                zip(offsets, sizes, strict=True))
+            parts = [part for part, _, _ in record.parts]
+            if not same or any(part is None or self._records[self.find(part)].parts
+                               for part in parts):
+                return None
+            return [self.find(part) for part in parts if part is not None]
+        ids = []
+        for size in sizes:
+            ids.append(len(self._parent))
+            self._parent.append(ids[-1])
+            self._records[ids[-1]] = _GroupRecord(size)
+        record.parts = [(part, offset, size)
+                        for part, offset, size in zip(ids, offsets, sizes, strict=True)]
+        return ids
 
     def freeze(self, group: int, reason: str) -> None:
         record = self._records[self.find(group)]
@@ -134,13 +191,39 @@ class _Context:
     def add_sink(self, group: int, sink: SinkUse) -> None:
         self._records[self.find(group)].sinks.append(sink)
 
+    def _flat_parts(self, group: int, base: int = 0) -> list[Part]:
+        """The base parts of a derived group, nested derived parts expanded."""
+        flat: list[Part] = []
+        for part, offset, size in self._records[self.find(group)].parts:
+            root = None if part is None else self.find(part)
+            if root is not None and self._records[root].parts:
+                flat += self._flat_parts(root, base + offset)
+            else:
+                flat.append((root, base + offset, size))
+        return flat
+
     def groups(self) -> tuple[ChannelGroup, ...]:
+        parts = {group_id: self._flat_parts(group_id)
+                 for group_id, record in self._records.items() if record.parts}
+        frozen = {group_id: list(record.frozen) for group_id, record in self._records.items()}
+        for group_id, flat in parts.items():
+            for part, _, _ in flat:
+                if part is not None and frozen[group_id]:
+                    reason = f"concatenated or split into a frozen tensor: {frozen[group_id][0]}"
+                    if reason not in frozen[part]:
+                        frozen[part].append(reason)
+        read_via = {part for group_id, flat in parts.items()
+                    if self._records[group_id].sinks for part, _, _ in flat}
+        for group_id, record in self._records.items():
+            if (group_id not in parts and not record.sinks and group_id not in read_via
+                    and not frozen[group_id]):
+                frozen[group_id].append("no linear layer reads these channels (nothing absorbs "
+                                        "a reconstruction)")
+        for group_id, flat in parts.items():
+            if not frozen[group_id] and all(part is None or frozen[part] for part, _, _ in flat):
+                frozen[group_id].append("every part of this concatenation or split is frozen")
         groups = []
         for group_id, record in sorted(self._records.items()):
-            frozen = list(record.frozen)
-            if not record.sinks and not frozen:
-                frozen.append("no linear layer reads these channels (nothing absorbs a "
-                              "reconstruction)")
             groups.append(ChannelGroup(
                 id=group_id,
                 channels=record.channels,
@@ -148,7 +231,8 @@ class _Context:
                 members=tuple(dict.fromkeys(record.members)),
                 taps=_taps(record.sinks, record.channels),
                 tensors=tuple(dict.fromkeys(record.tensors)),
-                frozen=tuple(frozen),
+                frozen=tuple(frozen[group_id]),
+                parts=tuple(parts.get(group_id, ())),
             ))
         return tuple(groups)
 

@@ -97,7 +97,8 @@ def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
             f"model input '{value.name}' has element type {tensor.elem_type}, which has no "
             "numpy equivalent"
         ) from exc
-    shape = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)
+    shape = tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+                  for dim in tensor.shape.dim)
     return InputSpec(value.name, dtype, shape)
 
 

@@ -86,8 +86,17 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     _name_nodes(work.graph)
+    _dynamic_negative_dims(work.graph)
     _fold_constants(work)
     return infer_shapes(work)
+
+
+def _dynamic_negative_dims(graph: onnx.GraphProto) -> None:
+    """Some exporters (Paddle) write dim_value -1 for a dynamic dimension: make it symbolic."""
+    for value in (*graph.input, *graph.output):
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = f"{value.name}_dim{index}"
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -216,8 +225,8 @@ def tensor_dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
     if not tensor_type.HasField("shape"):
         return None
     return tuple(
-        int(dim.dim_value) if dim.HasField("dim_value") else None
-        for dim in tensor_type.shape.dim
+        int(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+        for dim in tensor_type.shape.dim  # Paddle writes -1 for a dynamic dimension
     )
 
 

@@ -66,8 +66,13 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int
     rows = prefix + "rows"
     nodes.append(helper.make_node("Reshape", [current, shape_const.name], [rows]))
     outputs = TapOutputs(tap.tensor, prefix + "gram", prefix + "sum", prefix + "shape")
-    nodes.append(helper.make_node("Gemm", [rows, rows], [outputs.gram], transA=1))
     initializers = [shape_const]
+    gemm_inputs = [rows, rows]
+    if opset < 11:  # Gemm's C is optional from opset 11 on
+        zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), prefix + "zero")
+        initializers.append(zero)
+        gemm_inputs.append(zero.name)
+    nodes.append(helper.make_node("Gemm", gemm_inputs, [outputs.gram], transA=1))
     if opset >= 13:
         axes = numpy_helper.from_array(np.array([0], dtype=np.int64), prefix + "axes")
         initializers.append(axes)

@@ -9,6 +9,7 @@ reconstruction (or plain channel dropping for the baseline without reconstructio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,8 +60,10 @@ class PlannedGroup:
     loss_curve: np.ndarray | None
 
 
-def _problem(analysis: Analysis, tap: Tap, statistics: Statistics,
-             options: PlanOptions) -> TapProblem:
+def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: PlanOptions,
+             window: tuple[int, int] | None = None) -> TapProblem:
+    """The selection problem of a tap; of its channels offset..offset+size when `window` is
+    given (a base group's part of a concatenated tap)."""
     sigma = statistics[tap.tensor].sigma
     graph = analysis.graph
     sink_gram = np.zeros((tap.channels, tap.channels))
@@ -69,7 +72,11 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics,
         handler = handler_for(node.op_type, node.domain)
         assert handler is not None
         sink_gram += handler.sink_gram(node, sink, tap.channels, graph)
-    weight = loss_weight(tap.channels, sink_gram, options.theta)
+    if window is not None:
+        offset, size = window
+        sigma = sigma[offset : offset + size, offset : offset + size]
+        sink_gram = sink_gram[offset : offset + size, offset : offset + size]
+    weight = loss_weight(sigma.shape[0], sink_gram, options.theta)
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
 
 
@@ -92,9 +99,17 @@ def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
     return selector
 
 
+Window = tuple[Tap, int]
+"""A tap of a derived group that contains a base group, with the base group's offset in it."""
+
+
 def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
-               options: PlanOptions) -> PlannedGroup:
-    """Choose the kept channels of one prunable group and its taps' reconstructions."""
+               options: PlanOptions, windows: Sequence[Window] = ()) -> PlannedGroup:
+    """Choose the kept channels of one prunable base group and its taps' reconstructions.
+
+    `windows`: taps of concatenations that contain the group; their blocks over the group's
+    channels join its own taps in the selection (their reconstruction is the derived group's).
+    """
     width = uniform_width(group.channels, options.ratio, options.round_to)
     if width == group.channels:  # nothing is dropped, so nothing to reconstruct (exact)
         kept = np.arange(group.channels)
@@ -107,9 +122,11 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
                             None)
     problems = [_problem(analysis, tap, statistics, options) for tap in group.taps]
+    windowed = [_problem(analysis, tap, statistics, options, (offset, group.channels))
+                for tap, offset in windows]
     curve = None
     if options.selection == "spectral":
-        path = greedy_select(problems, width)
+        path = greedy_select(problems + windowed, width)
         kept = np.sort(path.order)
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:
@@ -121,8 +138,42 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     return PlannedGroup(GroupPlan(group, kept, reconstructions), curve)
 
 
+def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[int, np.ndarray],
+                 statistics: Statistics, options: PlanOptions) -> PlannedGroup:
+    """A derived group's plan: its parts' kept channels (frozen parts whole) at their offsets,
+    and one reconstruction per tap over all of them."""
+    kept = np.concatenate([
+        offset + kept_by_group.get(part, np.arange(size)) if part is not None
+        else offset + np.arange(size)
+        for part, offset, size in group.parts
+    ]).astype(np.int64)
+    reconstructions = {}
+    for tap in group.taps:
+        if options.reconstruct:
+            problem = _problem(analysis, tap, statistics, options)
+            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
+        else:
+            reconstructions[tap.tensor] = _dropping(group.channels, kept)
+    return PlannedGroup(GroupPlan(group, kept, reconstructions), None)
+
+
+def _windows(analysis: Analysis) -> dict[int, list[Window]]:
+    """For each base group, the taps of prunable derived groups containing it."""
+    windows: dict[int, list[Window]] = {}
+    for group in analysis.prunable:
+        for part, offset, _ in group.parts:
+            if part is not None:
+                windows.setdefault(part, []).extend((tap, offset) for tap in group.taps)
+    return windows
+
+
 def plan_groups(analysis: Analysis, statistics: Statistics,
                 options: PlanOptions) -> tuple[PlannedGroup, ...]:
-    """Plans for every prunable group of the analysis."""
-    return tuple(plan_group(analysis, group, statistics, options)
-                 for group in analysis.prunable)
+    """Plans for every prunable group of the analysis: base groups, then derived ones."""
+    windows = _windows(analysis)
+    base = [plan_group(analysis, group, statistics, options, windows.get(group.id, ()))
+            for group in analysis.prunable if not group.parts]
+    kept = {item.plan.group.id: item.plan.kept for item in base}
+    derived = [plan_derived(analysis, group, kept, statistics, options)
+               for group in analysis.prunable if group.parts]
+    return (*base, *derived)

@@ -101,7 +101,12 @@ def format_analysis(analysis: Analysis, cost: ModelCost) -> str:
     for group in analysis.groups:
         status = "prunable" if group.prunable else "frozen"
         lines.append(f"group {group.id}: {group.channels} channels, {status}")
-        lines.append(f"  producers: {', '.join(group.producers)}")
+        if group.parts:
+            pieces = [f"{'untracked' if part is None else 'group ' + str(part)}"
+                      f"[{offset}:{offset + size}]" for part, offset, size in group.parts]
+            lines.append(f"  made of (Concat/Split): {', '.join(pieces)}")
+        else:
+            lines.append(f"  producers: {', '.join(group.producers)}")
         others = [f"{member.node} ({member.role.value})" for member in group.members
                   if member.node not in group.producers]
         if others:
@@ -110,11 +115,12 @@ def format_analysis(analysis: Analysis, cost: ModelCost) -> str:
         if sinks:
             lines.append(f"  sinks: {', '.join(sinks)}")
         lines.extend(f"  reason: {reason}" for reason in group.frozen)
-    prunable = sum(group.channels for group in analysis.prunable)
-    total = sum(group.channels for group in analysis.groups)
+    base = [group for group in analysis.groups if not group.parts]
+    prunable = sum(group.channels for group in base if group.prunable)
+    total = sum(group.channels for group in base)
     lines.append("")
-    lines.append(f"{len(analysis.prunable)} of {len(analysis.groups)} groups prunable "
-                 f"({prunable} of {total} channels)")
+    lines.append(f"{sum(group.prunable for group in base)} of {len(base)} groups prunable "
+                 f"({prunable} of {total} channels; concatenations and splits not counted)")
     lines.append(f"parameters: {cost.params:,}")
     lines.append(f"MACs/sample: {cost.macs:,}")
     return "\n".join(lines)
@@ -132,6 +138,7 @@ def analysis_dict(analysis: Analysis, cost: ModelCost) -> dict[str, Any]:
                 "members": [{"node": m.node, "role": m.role.value} for m in group.members],
                 "sinks": [sink.node for tap in group.taps for sink in tap.sinks],
                 "frozen": list(group.frozen),
+                "parts": [list(part) for part in group.parts],
             }
             for group in analysis.groups
         ],

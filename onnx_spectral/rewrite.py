@@ -62,6 +62,13 @@ class _Editor:
                 break
         target.attribute.append(helper.make_attribute(name, value))
 
+    def remove_attribute(self, node: onnx.NodeProto, name: str) -> None:
+        target = self._nodes[node.name]
+        for attr in target.attribute:
+            if attr.name == name:
+                target.attribute.remove(attr)
+                return
+
     def finish(self) -> onnx.ModelProto:
         """Write the edited constants as fresh initializers and drop unused ones."""
         graph = self.model.graph
@@ -69,7 +76,8 @@ class _Editor:
         spill = large.is_large(self.model)
         for (node_name, position), value in self._values.items():
             node = self._nodes[node_name]
-            name = f"{node.input[position]}__{node_name}"
+            node.input.extend([""] * (position + 1 - len(node.input)))
+            name = f"{node.input[position] or 'input' + str(position)}__{node_name}"
             while name in taken:
                 name += "_"
             taken.add(name)

@@ -429,8 +429,6 @@ BARRIERS = [
      {"conv1": ["grouped Conv", "group=2", "gconv"]}),
     ("Pad-on-channels", lambda: graphs.conv_sandwich(graphs.pad_channels),
      {"conv1": ["Pad pads the channel axis", "pad"]}),
-    ("Concat", graphs.concat_channels,
-     {"conv1": ["Concat", "concat"], "conv1b": ["Concat", "concat"]}),
     ("conv-output-is-graph-output", graphs.conv_output_is_graph_output,
      {"conv1": ["'conv1'", "graph output"]}),
     ("MatMul-of-activations", graphs.matmul_of_activations,

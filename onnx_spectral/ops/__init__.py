@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import OpHandler
-from .conv import ConvHandler
+from .concat import ConcatHandler, SliceHandler, SplitHandler
+from .conv import ConvHandler, ConvTransposeHandler
 from .elementwise import ArithmeticHandler, UnaryHandler
 from .layout import LayoutHandler
 from .linear import GemmHandler, MatMulHandler
@@ -17,6 +18,7 @@ from .spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler, Shap
 
 _HANDLERS: tuple[OpHandler, ...] = (
     ConvHandler(),
+    ConvTransposeHandler(),
     GemmHandler(),
     MatMulHandler(),
     UnaryHandler(),
@@ -28,6 +30,9 @@ _HANDLERS: tuple[OpHandler, ...] = (
     ReduceHandler(),
     ShapeHandler(),
     LayoutHandler(),
+    ConcatHandler(),
+    SplitHandler(),
+    SliceHandler(),
 )
 
 REGISTRY: Mapping[str, OpHandler] = {

@@ -129,6 +129,14 @@ class AnalysisContext(Protocol):
 
     def freeze(self, group: int, reason: str) -> None: ...
 
+    def new_derived(self, parts: list[tuple[int | None, int]], tensor: str, axis: int,
+                    rank: int) -> int:
+        """A group whose channels are the (group or None for untracked, size) parts in order
+        (a concatenation along the channel axis); sets `tensor`'s state."""
+
+    def refine(self, group: int, sizes: list[int]) -> list[int] | None:
+        """Split a group into consecutive base groups of `sizes`; None when it cannot."""
+
     def add_member(self, group: int, member: Member) -> None: ...
 
     def add_sink(self, group: int, sink: SinkUse) -> None: ...
@@ -146,6 +154,9 @@ class Editor(Protocol):
         """Give the node's input `position` a new constant (a fresh initializer)."""
 
     def set_attribute(self, node: onnx.NodeProto, name: str, value: object) -> None: ...
+
+    def remove_attribute(self, node: onnx.NodeProto, name: str) -> None:
+        """Drop an attribute of the node if it has it."""
 
 
 class OpHandler(Protocol):

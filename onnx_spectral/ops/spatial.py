@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import attributes
+from ..graph import attributes, opset_version
 from .base import AnalysisContext, Editor, Member, NoWeights, Plain, freeze_inputs
 
 
@@ -93,7 +93,8 @@ class ResizeHandler(PoolHandler):
         state = _plain_input(node, ctx)
         if state is None:
             return
-        scales_position = 1 if node.op_type == "Upsample" else 2
+        opset = opset_version(ctx.graph.model)
+        scales_position = 1 if node.op_type == "Upsample" or opset == 10 else 2
         scales = ctx.graph.input_constant(node, scales_position)
         if scales is None:
             scales = attributes(node).get("scales")  # type: ignore[assignment]
