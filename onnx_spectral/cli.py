@@ -2,6 +2,9 @@
 
     onnx-spectral IN.onnx OUT.onnx --calib DATA [--ratio R] [...]
     onnx-spectral analyze IN.onnx [--json]
+    onnx-spectral calibrate IN.onnx --calib DATA [--shard I/N] -o STATS.npz
+    onnx-spectral merge-stats STATS_1.npz STATS_2.npz ... -o STATS.npz
+    onnx-spectral IN.onnx OUT.onnx --stats STATS.npz [--calib DATA for held-out verification]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from .analysis import analyze
-from .api import CompressOptions, compress
+from .api import CompressOptions, calibrate_statistics, compress
 from .cost import model_cost
 from .data import Preprocess
 from .errors import (
@@ -30,7 +33,8 @@ from .errors import (
     StatisticsError,
 )
 from .graph import load_model
-from .report import analysis_dict, format_analysis
+from .report import analysis_dict, format_analysis, format_seconds
+from .stats_io import Shard, load_statistics, merge_statistics, save_statistics
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -50,9 +54,13 @@ def _compress_parser() -> argparse.ArgumentParser:
                     "Use `onnx-spectral analyze IN.onnx` to list its channel groups.")
     parser.add_argument("input", type=Path, help="model to compress (.onnx)")
     parser.add_argument("output", type=Path, help="where to write the compressed model")
-    parser.add_argument("--calib", required=True,
+    parser.add_argument("--calib",
                         help="calibration data: .npz (one array per input), .npy, a folder of "
-                             ".npy/.npz files or of images (see --preprocess), or 'random'")
+                             ".npy/.npz files or of images (see --preprocess), or 'random'; "
+                             "with --stats only used for held-out verification")
+    parser.add_argument("--stats", type=Path,
+                        help="select from saved statistics (onnx-spectral calibrate / "
+                             "merge-stats) instead of calibrating")
     parser.add_argument("--ratio", type=float, default=defaults.ratio,
                         help="fraction of channels each prunable group keeps (default %(default)s)")
     parser.add_argument("--theta", type=float, default=defaults.theta,
@@ -117,11 +125,15 @@ def _run_compress(argv: Sequence[str]) -> int:
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
         progress=sys.stderr.isatty(),
     )
-    model, report = compress(args.input, args.calib, options)
+    if args.calib is None and args.stats is None:
+        raise OptionsError("give --calib DATA, or --stats STATS.npz (see onnx-spectral "
+                           "calibrate)")
+    model, report = compress(args.input, args.calib, options, statistics=args.stats)
     _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))
     if args.report is not None:
         _write_atomically(args.report, lambda path: path.write_text(report.to_json()))
     print(report.format())
+    print(format_seconds(report.seconds))
     print(f"wrote {args.output}")
     return 0
 
@@ -138,12 +150,69 @@ def _run_analyze(argv: Sequence[str]) -> int:
     return 0
 
 
+def _calibrate_parser() -> argparse.ArgumentParser:
+    defaults = CompressOptions()
+    parser = argparse.ArgumentParser(
+        prog="onnx-spectral calibrate",
+        description="Gather channel statistics (or one shard of them) without compressing.")
+    parser.add_argument("input", type=Path, help="model to calibrate (.onnx)")
+    parser.add_argument("--calib", required=True, help="calibration data, as for compression")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="statistics file to write (.npz)")
+    parser.add_argument("--shard", type=Shard.parse, default=Shard(1, 1),
+                        help="I/N: calibrate the I-th of N contiguous parts (1-based) of the "
+                             "first --calib-samples samples")
+    parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
+                        help="as for compression: short data keeps these back from the range")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=defaults.provider)
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--preprocess", type=Preprocess.parse, default=None)
+    return parser
+
+
+def _run_calibrate(argv: Sequence[str]) -> int:
+    args = _calibrate_parser().parse_args(argv)
+    options = CompressOptions(batch_size=args.batch_size, calib_samples=args.calib_samples,
+                              verify_samples=args.verify_samples, provider=args.provider,
+                              exclude=tuple(args.exclude), seed=args.seed,
+                              preprocess=args.preprocess, progress=sys.stderr.isatty())
+    saved = calibrate_statistics(args.input, args.calib, options, shard=args.shard)
+    _write_atomically(args.output, lambda path: save_statistics(path, saved))
+    print(f"shard {args.shard}: {saved.statistics.samples} samples, {len(saved.taps)} taps; "
+          f"wrote {args.output}")
+    return 0
+
+
+def _run_merge(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="onnx-spectral merge-stats",
+                                     description="Add the statistics of calibration shards.")
+    parser.add_argument("inputs", type=Path, nargs="+", help="statistics files (.npz)")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    merged = merge_statistics([load_statistics(path) for path in args.inputs],
+                              [str(path) for path in args.inputs])
+    _write_atomically(args.output, lambda path: save_statistics(path, merged))
+    missing = merged.missing_shards()
+    if missing:
+        print(f"warning: shards {', '.join(missing)} are missing", file=sys.stderr)
+    print(f"{merged.statistics.samples} samples from {len(merged.shards)} shards; "
+          f"wrote {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnx-spectral` console script; returns the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         if arguments[:1] == ["analyze"]:
             return _run_analyze(arguments[1:])
+        if arguments[:1] == ["calibrate"]:
+            return _run_calibrate(arguments[1:])
+        if arguments[:1] == ["merge-stats"]:
+            return _run_merge(arguments[1:])
         return _run_compress(arguments)
     except SpectralError as exc:
         print(f"onnx-spectral: error: {exc}", file=sys.stderr)
