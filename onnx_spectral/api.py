@@ -38,6 +38,7 @@ from .report import GroupReport, Report
 from .rewrite import rewrite
 from .runtime import Provider
 from .stats_io import SavedStatistics, Shard, TapKey, load_statistics, model_fingerprint
+from .tap_cost import gram_strides
 from .verify import Verification, compare_models, reconstruction_error
 
 
@@ -63,6 +64,9 @@ class CompressOptions:
     reconstruct: bool = True
     preprocess: Preprocess | None = None
     progress: bool = False
+    gram_budget: float = 0.25
+    """The taps' Gram matrices may cost at most this share of the model's MACs; the taps
+    dearest against their sinks subsample positions to meet it (`tap_cost`); 0: all positions."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -141,7 +145,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     notes = [str(warning.message) for warning in caught]
     batch = fixed_batch_size(specs) or options.batch_size
     with clock("calibrate"):
-        instrumented = instrument(analysis.graph, analysis.taps)
+        instrumented = instrument(analysis.graph, analysis.taps,
+                              gram_strides(analysis.graph, analysis.taps, options.gram_budget))
         if saved is not None:
             gathered = saved.statistics
             held_out = ([] if stream is None
@@ -204,7 +209,8 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
     start, stop = shard.bounds(n_calib)
     batch = fixed_batch_size(specs) or options.batch_size
     _skip(stream, start, batch)
-    instrumented = instrument(analysis.graph, analysis.taps)
+    instrumented = instrument(analysis.graph, analysis.taps,
+                              gram_strides(analysis.graph, analysis.taps, options.gram_budget))
     gathered = (calibrate(instrumented, stream.take(stop - start, batch), options.provider,
                           total_samples=stop - start, progress=options.progress)
                 if analysis.taps else Statistics({}, 0))

@@ -87,6 +87,7 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="for image folders, e.g. 'resize=256,crop=224,"
                              "mean=0.485:0.456:0.406,std=0.229:0.224:0.225'")
     parser.add_argument("--report", type=Path, help="also write the report as JSON here")
+    _add_gram_budget(parser, defaults)
     return parser
 
 
@@ -123,7 +124,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         provider=args.provider, exclude=tuple(args.exclude), seed=args.seed,
         round_to=args.round_to, selection=args.selection,
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), gram_budget=args.gram_budget,
     )
     if args.calib is None and args.stats is None:
         raise OptionsError("give --calib DATA, or --stats STATS.npz (see onnx-spectral "
@@ -170,7 +171,16 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--preprocess", type=Preprocess.parse, default=None)
+    _add_gram_budget(parser, defaults)
     return parser
+
+
+def _add_gram_budget(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
+    parser.add_argument("--gram-budget", type=float, default=defaults.gram_budget,
+                        help="calibration's Gram matrices may cost at most this share of the "
+                             "model's MACs; taps whose Gram is dear against the layers reading "
+                             "them subsample positions to meet it (0: every position; default "
+                             "%(default)s)")
 
 
 def _run_calibrate(argv: Sequence[str]) -> int:
@@ -178,7 +188,8 @@ def _run_calibrate(argv: Sequence[str]) -> int:
     options = CompressOptions(batch_size=args.batch_size, calib_samples=args.calib_samples,
                               verify_samples=args.verify_samples, provider=args.provider,
                               exclude=tuple(args.exclude), seed=args.seed,
-                              preprocess=args.preprocess, progress=sys.stderr.isatty())
+                              preprocess=args.preprocess, progress=sys.stderr.isatty(),
+                              gram_budget=args.gram_budget)
     saved = calibrate_statistics(args.input, args.calib, options, shard=args.shard)
     _write_atomically(args.output, lambda path: save_statistics(path, saved))
     print(f"shard {args.shard}: {saved.statistics.samples} samples, {len(saved.taps)} taps; "

@@ -1,14 +1,22 @@
 """In-graph statistics taps: the model returns per-batch Gram matrices, not activations.
 
-For every tap tensor T with m channels on axis a, the instrumented model computes
-`X = reshape(transpose(T, a -> last), [-1, m])` and returns `X^T X` ([m, m], via Gemm with
-transA=1), `sum(X, axis=0)` ([m]) and `shape(X)` ([2], whose first entry counts the samples).
-Only m x m floats per tap leave the runtime, whatever the batch and spatial size.
+For every tap tensor T with m channels on axis a, the instrumented model computes the
+channel-first rows `Y = reshape(transpose(T, a -> first), [m, -1])` ([m, P], P = positions x
+batch), the channel sums `sum(Y, axis=1)` ([m]), `shape(Y)` ([2], whose second entry counts the
+samples) and the Gram matrix `Y Y^T` ([m, m]) by upper block rows: channels are cut into `b`
+blocks and block row `i` is `Y[s_i:e_i] Y[s_i:]^T` ([e_i - s_i, m - s_i]), so only the upper
+triangle (and diagonal blocks) is multiplied, `(b + 1) / (2 b)` of the full product's
+multiply-adds. The host mirrors it to the full symmetric matrix (`assemble_gram`). Only about
+m x m / 2 floats per tap leave the runtime, whatever the batch and spatial size.
+
+A tap may get a position stride s (see `tap_cost.gram_strides`): then Y keeps every s-th column
+(position) only, and the sums and the count cover exactly those positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +27,18 @@ from .analysis import Tap
 from .graph import GraphIndex, opset_version
 
 _PREFIX = "onnx_spectral_tap"
+#: Target channels per Gram block row, and the most block rows per tap.
+BLOCK_CHANNELS = 128
+MAX_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class GramBlock:
+    """Output `name` holds Gram rows `start:stop`, columns `start:` ([stop - start, m - start])."""
+
+    name: str
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
@@ -26,9 +46,12 @@ class TapOutputs:
     """The instrumented model's output names for the tap on `tensor`."""
 
     tensor: str
-    gram: str
+    channels: int
+    blocks: tuple[GramBlock, ...]
     total: str
     shape: str
+    stride: int = 1
+    """Every `stride`-th position is counted."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,20 @@ class Instrumented:
     taps: tuple[TapOutputs, ...]
 
 
+def gram_blocks(m: int) -> list[tuple[int, int]]:
+    """Block rows [start, stop) for an m-channel tap: ceil(m / 128) blocks, at most 8."""
+    count = min(MAX_BLOCKS, max(1, math.ceil(m / BLOCK_CHANNELS)))
+    return [(i * m // count, (i + 1) * m // count) for i in range(count)]
+
+
+def assemble_gram(channels: int, blocks: Sequence[tuple[GramBlock, np.ndarray]]) -> np.ndarray:
+    """Full symmetric [m, m] float64 Gram from its upper block rows (each [stop-start, m-start])."""
+    upper = np.zeros((channels, channels), dtype=np.float64)
+    for block, value in blocks:
+        upper[block.start:block.stop, block.start:] = value
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
 def _value_type(graph: GraphIndex, tensor: str) -> int:
     for value in (*graph.model.graph.input, *graph.model.graph.value_info,
                   *graph.model.graph.output):
@@ -47,7 +84,7 @@ def _value_type(graph: GraphIndex, tensor: str) -> int:
     return TensorProto.FLOAT
 
 
-def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int
+def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], TapOutputs]:
     prefix = f"{_PREFIX}{index}_"
     rank = graph.rank(tap.tensor)
@@ -57,43 +94,91 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int
     if _value_type(graph, tap.tensor) != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [current], [prefix + "float"], to=TensorProto.FLOAT))
         current = prefix + "float"
-    if tap.axis != rank - 1:
-        perm = [i for i in range(rank) if i != tap.axis] + [tap.axis]
-        nodes.append(helper.make_node("Transpose", [current], [prefix + "last"], perm=perm))
-        current = prefix + "last"
-    shape_const = numpy_helper.from_array(np.array([-1, tap.channels], dtype=np.int64),
+    if tap.axis != 0:
+        perm = [tap.axis] + [i for i in range(rank) if i != tap.axis]
+        nodes.append(helper.make_node("Transpose", [current], [prefix + "first"], perm=perm))
+        current = prefix + "first"
+    shape_const = numpy_helper.from_array(np.array([tap.channels, -1], dtype=np.int64),
                                           prefix + "rows_shape")
     rows = prefix + "rows"
     nodes.append(helper.make_node("Reshape", [current, shape_const.name], [rows]))
-    outputs = TapOutputs(tap.tensor, prefix + "gram", prefix + "sum", prefix + "shape")
-    nodes.append(helper.make_node("Gemm", [rows, rows], [outputs.gram], transA=1))
     initializers = [shape_const]
+    if stride > 1:
+        steps = [numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}{label}")
+                 for label, value in (("s0", 0), ("s1", np.iinfo(np.int64).max), ("s2", 1),
+                                      ("s3", stride))]
+        initializers.extend(steps)
+        nodes.append(helper.make_node("Slice", [rows, *(t.name for t in steps)],
+                                      [prefix + "strided"]))
+        rows = prefix + "strided"
+    blocks = []
+    for index_b, (start, stop) in enumerate(gram_blocks(tap.channels)):
+        name = f"{prefix}gram{index_b}"
+        left, right = rows, rows
+        if (start, stop) != (0, tap.channels):
+            left = _slice(nodes, initializers, rows, (start, stop), f"{prefix}rows{index_b}",
+                          opset)
+            right = (left if stop == tap.channels else
+                     _slice(nodes, initializers, rows, (start, tap.channels),
+                            f"{prefix}tail{index_b}", opset))
+        operands = [left, right]
+        if opset < 11:  # Gemm's C is optional from opset 11 on
+            zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), prefix + "zero")
+            if index_b == 0:
+                initializers.append(zero)
+            operands.append(zero.name)
+        nodes.append(helper.make_node("Gemm", operands, [name], transB=1))
+        blocks.append(GramBlock(name, start, stop))
+    outputs = TapOutputs(tap.tensor, tap.channels, tuple(blocks), prefix + "sum",
+                         prefix + "shape", stride)
     if opset >= 13:
-        axes = numpy_helper.from_array(np.array([0], dtype=np.int64), prefix + "axes")
+        axes = numpy_helper.from_array(np.array([1], dtype=np.int64), prefix + "axes")
         initializers.append(axes)
         nodes.append(helper.make_node("ReduceSum", [rows, axes.name], [outputs.total],
                                       keepdims=0))
     else:
-        nodes.append(helper.make_node("ReduceSum", [rows], [outputs.total], axes=[0],
+        nodes.append(helper.make_node("ReduceSum", [rows], [outputs.total], axes=[1],
                                       keepdims=0))
     nodes.append(helper.make_node("Shape", [rows], [outputs.shape]))
     return nodes, initializers, outputs
 
 
-def instrument(graph: GraphIndex, taps: Sequence[Tap]) -> Instrumented:
-    """Copy of `graph.model` whose outputs are the Gram/sum/shape of every tap tensor."""
+def _slice(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], rows: str,
+           span: tuple[int, int], name: str, opset: int) -> str:
+    """Rows span[0]:span[1] of the [m, P] tensor `rows` (a contiguous copy)."""
+    start, stop = span
+    if opset < 10:  # Slice takes attributes before opset 10
+        nodes.append(helper.make_node("Slice", [rows], [name], starts=[start], ends=[stop],
+                                      axes=[0]))
+        return name
+    bounds = [numpy_helper.from_array(np.array([value], dtype=np.int64), f"{name}_{label}")
+              for label, value in (("start", start), ("stop", stop), ("axis", 0))]
+    initializers.extend(bounds)
+    nodes.append(helper.make_node("Slice", [rows, *(b.name for b in bounds)], [name]))
+    return name
+
+
+def instrument(graph: GraphIndex, taps: Sequence[Tap],
+               strides: Mapping[str, int] | None = None) -> Instrumented:
+    """Copy of `graph.model` whose outputs are the Gram blocks/sum/shape of every tap tensor.
+
+    `strides`: position stride per tap tensor (default 1); ignored below opset 10, whose
+    Slice has no steps.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     opset = opset_version(model)
     del model.graph.output[:]
     outputs = []
     for index, tap in enumerate(taps):
-        nodes, initializers, names = _tap_nodes(graph, tap, index, opset)
+        stride = (strides or {}).get(tap.tensor, 1) if opset >= 10 else 1
+        nodes, initializers, names = _tap_nodes(graph, tap, index, opset, stride)
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(initializers)
         model.graph.output.extend([
-            helper.make_tensor_value_info(names.gram, TensorProto.FLOAT,
-                                          [tap.channels, tap.channels]),
+            *(helper.make_tensor_value_info(block.name, TensorProto.FLOAT,
+                                            [block.stop - block.start, tap.channels - block.start])
+              for block in names.blocks),
             helper.make_tensor_value_info(names.total, TensorProto.FLOAT, [tap.channels]),
             helper.make_tensor_value_info(names.shape, TensorProto.INT64, [2]),
         ])
