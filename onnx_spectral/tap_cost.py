@@ -7,11 +7,12 @@ that read it cost `c` MACs. Behind a 3x3 conv the Gram is cheap (m^2 P vs 9 m m_
 it costs several times the conv itself, and calibration then costs several inferences.
 
 `gram_strides` keeps every position while the taps' Gram matrices together cost at most
-`budget` times the model's MACs (or `GRAM_FLOOR`, for small models). Above that, tap t gets the stride `s_t = ceil(g_t / (a c_t))`
-(capped at P), with the largest `a` that meets the budget: only the taps dearest against their
-own sinks are subsampled, and as little as needed. A stride s counts every s-th position of the
-flattened (batch x spatial) axis: a subsample of the same positions, with the fixed pattern as
-its only bias (border positions may be over- or under-represented).
+`budget` times the model's MACs (or `GRAM_FLOOR`, for small models). Above that, tap t gets
+the stride `s_t = ceil(g_t / (a c_t))` (capped at P), with the largest `a` that meets the
+budget: only the taps dearest against their own sinks are subsampled, as little as needed.
+A stride s counts every s-th position of the flattened (batch x spatial) axis: a subsample of
+the same positions, with the fixed pattern as its only bias (border positions may be over- or
+under-represented). `tests/test_tap_cost.py` measures the effect on selection.
 """
 
 from __future__ import annotations
