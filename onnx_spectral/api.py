@@ -59,7 +59,10 @@ class CompressOptions:
     exclude: tuple[str, ...] = ()
     """Producer nodes whose groups stay whole."""
     seed: int = 0
-    round_to: int = 1
+    round_to: int = 0
+    """Round kept widths up to a multiple of this; 0 (default) = `plan.AUTO_ROUND_TO` for
+    groups of at least `plan.AUTO_ROUND_MIN` channels, else 1 (tools/bench_speed.py: ONNX
+    Runtime's CPU convolutions run 2x faster on widths that are multiples of 8)."""
     selection: Selection = "spectral"
     reconstruct: bool = True
     preprocess: Preprocess | None = None
@@ -75,7 +78,9 @@ class CompressOptions:
             raise OptionsError(f"--theta {self.theta}: must lie in [0, 1]")
         if not self.ridge > 0.0:
             raise OptionsError(f"--ridge {self.ridge}: must be > 0")
-        for name in ("batch_size", "calib_samples", "round_to"):
+        if self.round_to < 0:
+            raise OptionsError(f"--round-to {self.round_to}: must be >= 0 (0: automatic)")
+        for name in ("batch_size", "calib_samples"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                    "must be >= 1")

@@ -78,7 +78,8 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="producer nodes whose channel groups stay whole")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
-                        help="round kept widths up to a multiple of this")
+                        help="round kept widths up to a multiple of this; 0 (default): 8 for "
+                             "groups of 64 channels or more, else 1")
     parser.add_argument("--selection", choices=("spectral", "l1"), default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")
     parser.add_argument("--no-reconstruction", action="store_true",

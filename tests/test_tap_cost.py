@@ -94,3 +94,20 @@ def test_stride_costs_little_selection_quality() -> None:
         loss_full = information_loss([truth], chosen_full)
         ratio = information_loss([truth], chosen_strided) / loss_full
         assert ratio <= 1.05
+
+
+@pytest.mark.parametrize(("channels", "round_to", "kept"),
+                         [(100, 0, 56), (100, 1, 50), (40, 0, 20), (100, 16, 64)])
+def test_automatic_width_rounding(channels: int, round_to: int, kept: int) -> None:
+    """round_to 0 (default) rounds groups of >= 64 channels up to a multiple of 8."""
+    from onnx_spectral import compress
+
+    b = GraphBuilder(seed=9)
+    t = b.node("Relu", [b.conv("x", "conv1", 3, channels)], "relu1")
+    b.conv(t, "conv2", channels, 5)
+    model = b.model([("x", ["N", 3, 6, 6])], [("conv2", ["N", 5, 6, 6])])
+    x = np.random.default_rng(1).normal(size=(40, 3, 6, 6)).astype(np.float32)
+    _, report = compress(model, {"x": x}, ratio=0.5, round_to=round_to, calib_samples=30,
+                         verify_samples=10, provider="cpu")
+    (group,) = [group for group in report.groups if not group.frozen]
+    assert (group.channels, group.kept) == (channels, kept)
