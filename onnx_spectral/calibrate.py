@@ -62,8 +62,7 @@ class _TapSums:
 
     def __init__(self, tap: TapOutputs) -> None:
         self.tap = tap
-        self.blocks = [np.zeros((block.stop - block.start, tap.channels - block.start))
-                       for block in tap.blocks]
+        self.blocks = [np.zeros(block.shape) for block in tap.blocks]
         self.total = np.zeros(tap.channels)
         self.count = 0
 

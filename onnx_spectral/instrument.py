@@ -3,11 +3,12 @@
 For every tap tensor T with m channels on axis a, the instrumented model computes the
 channel-first rows `Y = reshape(transpose(T, a -> first), [m, -1])` ([m, P], P = positions x
 batch), the channel sums `sum(Y, axis=1)` ([m]), `shape(Y)` ([2], whose second entry counts the
-samples) and the Gram matrix `Y Y^T` ([m, m]) by upper block rows: channels are cut into `b`
-blocks and block row `i` is `Y[s_i:e_i] Y[s_i:]^T` ([e_i - s_i, m - s_i]), so only the upper
-triangle (and diagonal blocks) is multiplied, `(b + 1) / (2 b)` of the full product's
-multiply-adds. The host mirrors it to the full symmetric matrix (`assemble_gram`). Only about
-m x m / 2 floats per tap leave the runtime, whatever the batch and spatial size.
+samples) and the Gram matrix `Y Y^T` ([m, m]) by upper blocks: one Split cuts the channels
+into `b` blocks `Y_i` and block `(i, j)`, `j >= i`, is `Y_i Y_j^T`, so only the upper triangle
+(and the diagonal blocks) is multiplied, `(b + 1) / (2 b)` of the full product's multiply-adds,
+and Y is copied once whatever `b`. The host mirrors it to the full symmetric matrix
+(`assemble_gram`). Only about m x m / 2 floats per tap leave the runtime, whatever the batch
+and spatial size.
 
 A tap may get a position stride s (see `tap_cost.gram_strides`): then Y keeps every s-th column
 (position) only, and the sums and the count cover exactly those positions.
@@ -34,11 +35,15 @@ MAX_BLOCKS = 8
 
 @dataclass(frozen=True)
 class GramBlock:
-    """Output `name` holds Gram rows `start:stop`, columns `start:` ([stop - start, m - start])."""
+    """Output `name` holds Gram rows `rows[0]:rows[1]`, columns `columns[0]:columns[1]`."""
 
     name: str
-    start: int
-    stop: int
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.rows[1] - self.rows[0], self.columns[1] - self.columns[0]]
 
 
 @dataclass(frozen=True)
@@ -63,16 +68,16 @@ class Instrumented:
 
 
 def gram_blocks(m: int) -> list[tuple[int, int]]:
-    """Block rows [start, stop) for an m-channel tap: ceil(m / 128) blocks, at most 8."""
+    """Channel blocks [start, stop) of an m-channel tap: ceil(m / 128) blocks, at most 8."""
     count = min(MAX_BLOCKS, max(1, math.ceil(m / BLOCK_CHANNELS)))
     return [(i * m // count, (i + 1) * m // count) for i in range(count)]
 
 
 def assemble_gram(channels: int, blocks: Sequence[tuple[GramBlock, np.ndarray]]) -> np.ndarray:
-    """Full symmetric [m, m] float64 Gram from its upper block rows (each [stop-start, m-start])."""
+    """Full symmetric [m, m] float64 Gram from its upper blocks (each `block.shape`)."""
     upper = np.zeros((channels, channels), dtype=np.float64)
     for block, value in blocks:
-        upper[block.start:block.stop, block.start:] = value
+        upper[block.rows[0]:block.rows[1], block.columns[0]:block.columns[1]] = value
     return np.triu(upper) + np.triu(upper, 1).T
 
 
@@ -111,24 +116,20 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
         nodes.append(helper.make_node("Slice", [rows, *(t.name for t in steps)],
                                       [prefix + "strided"]))
         rows = prefix + "strided"
+    spans = gram_blocks(tap.channels)
+    parts = [rows] if len(spans) == 1 else _split(nodes, initializers, rows, spans, prefix, opset)
+    operands_c = []
+    if opset < 11:  # Gemm's C is optional from opset 11 on
+        zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), prefix + "zero")
+        initializers.append(zero)
+        operands_c.append(zero.name)
     blocks = []
-    for index_b, (start, stop) in enumerate(gram_blocks(tap.channels)):
-        name = f"{prefix}gram{index_b}"
-        left, right = rows, rows
-        if (start, stop) != (0, tap.channels):
-            left = _slice(nodes, initializers, rows, (start, stop), f"{prefix}rows{index_b}",
-                          opset)
-            right = (left if stop == tap.channels else
-                     _slice(nodes, initializers, rows, (start, tap.channels),
-                            f"{prefix}tail{index_b}", opset))
-        operands = [left, right]
-        if opset < 11:  # Gemm's C is optional from opset 11 on
-            zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), prefix + "zero")
-            if index_b == 0:
-                initializers.append(zero)
-            operands.append(zero.name)
-        nodes.append(helper.make_node("Gemm", operands, [name], transB=1))
-        blocks.append(GramBlock(name, start, stop))
+    for i, first in enumerate(parts):
+        for j in range(i, len(parts)):
+            name = f"{prefix}gram{i}_{j}"
+            nodes.append(helper.make_node("Gemm", [first, parts[j], *operands_c], [name],
+                                          transB=1))
+            blocks.append(GramBlock(name, spans[i], spans[j]))
     outputs = TapOutputs(tap.tensor, tap.channels, tuple(blocks), prefix + "sum",
                          prefix + "shape", stride)
     if opset >= 13:
@@ -143,19 +144,18 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
     return nodes, initializers, outputs
 
 
-def _slice(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], rows: str,
-           span: tuple[int, int], name: str, opset: int) -> str:
-    """Rows span[0]:span[1] of the [m, P] tensor `rows` (a contiguous copy)."""
-    start, stop = span
-    if opset < 10:  # Slice takes attributes before opset 10
-        nodes.append(helper.make_node("Slice", [rows], [name], starts=[start], ends=[stop],
-                                      axes=[0]))
-        return name
-    bounds = [numpy_helper.from_array(np.array([value], dtype=np.int64), f"{name}_{label}")
-              for label, value in (("start", start), ("stop", stop), ("axis", 0))]
-    initializers.extend(bounds)
-    nodes.append(helper.make_node("Slice", [rows, *(b.name for b in bounds)], [name]))
-    return name
+def _split(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], rows: str,
+           spans: Sequence[tuple[int, int]], prefix: str, opset: int) -> list[str]:
+    """Split the [m, P] tensor `rows` along the channels into the blocks `spans`."""
+    names = [f"{prefix}part{i}" for i in range(len(spans))]
+    sizes = [stop - start for start, stop in spans]
+    if opset < 13:  # split sizes are an attribute before opset 13
+        nodes.append(helper.make_node("Split", [rows], names, axis=0, split=sizes))
+        return names
+    split = numpy_helper.from_array(np.array(sizes, dtype=np.int64), prefix + "split")
+    initializers.append(split)
+    nodes.append(helper.make_node("Split", [rows, split.name], names, axis=0))
+    return names
 
 
 def instrument(graph: GraphIndex, taps: Sequence[Tap],
@@ -176,8 +176,7 @@ def instrument(graph: GraphIndex, taps: Sequence[Tap],
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(initializers)
         model.graph.output.extend([
-            *(helper.make_tensor_value_info(block.name, TensorProto.FLOAT,
-                                            [block.stop - block.start, tap.channels - block.start])
+            *(helper.make_tensor_value_info(block.name, TensorProto.FLOAT, block.shape)
               for block in names.blocks),
             helper.make_tensor_value_info(names.total, TensorProto.FLOAT, [tap.channels]),
             helper.make_tensor_value_info(names.shape, TensorProto.INT64, [2]),

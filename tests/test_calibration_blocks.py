@@ -2,7 +2,8 @@
 
     x [N,4,3,3] -> Conv 'conv1' (300, 1x1) -> Relu 'relu1' -> Conv 'conv2' (6, 1x1) -> y
 
-The tap on relu1 has 300 channels: three block rows (0:100, 100:200, 200:300).
+The tap on relu1 has 300 channels: three channel blocks (0:100, 100:200, 200:300), six Gram
+blocks.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def test_block_rows_cover_the_upper_triangle() -> None:
     assert len(gram_blocks(4096)) == 8 and gram_blocks(4096)[-1] == (3584, 4096)
     full = np.arange(36.0).reshape(6, 6)
     full = full + full.T
-    blocks = [(GramBlock("a", 0, 2), full[0:2, 0:]), (GramBlock("b", 2, 6), full[2:6, 2:])]
+    blocks = [(GramBlock("a", (0, 2), (0, 2)), full[0:2, 0:2]),
+              (GramBlock("b", (0, 2), (2, 6)), full[0:2, 2:6]),
+              (GramBlock("c", (2, 6), (2, 6)), full[2:6, 2:6])]
     np.testing.assert_array_equal(assemble_gram(6, blocks), full)
 
 
@@ -42,7 +45,7 @@ def test_blocked_gram_equals_numpy(opset: int) -> None:
     assert [(tap.tensor, tap.channels) for tap in analysis.taps] == [("relu1", 300)]
     instrumented = instrument(analysis.graph, analysis.taps)
     onnx.checker.check_model(instrumented.model)
-    assert len(instrumented.taps[0].blocks) == 3
+    assert len(instrumented.taps[0].blocks) == 6  # 3 channel blocks, upper triangle
     samples = np.random.default_rng(2).normal(size=(7, 4, 3, 3)).astype(np.float32)
     statistics = calibrate(instrumented, [{"x": samples[:4]}, {"x": samples[4:]}], "cpu")
     relu = ReferenceEvaluator(model).run(None, {"x": samples}, intermediate=True)["relu1"]
