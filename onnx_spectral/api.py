@@ -151,7 +151,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     batch = fixed_batch_size(specs) or options.batch_size
     with clock("calibrate"):
         instrumented = instrument(analysis.graph, analysis.taps,
-                              gram_strides(analysis.graph, analysis.taps, options.gram_budget))
+                                  gram_strides(analysis.graph, analysis.taps, options.gram_budget))
         if saved is not None:
             gathered = saved.statistics
             held_out = ([] if stream is None
