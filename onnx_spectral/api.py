@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis, Tap, analyze
 from .calibrate import Statistics, calibrate
 from .cost import model_cost
 from .data import (
     DataSource,
     FeedDict,
     Preprocess,
+    SampleStream,
     fixed_batch_size,
     model_input_specs,
     open_calibration,
@@ -36,6 +37,8 @@ from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
 from .report import GroupReport, Report
 from .rewrite import rewrite
 from .runtime import Provider
+from .stats_io import SavedStatistics, Shard, TapKey, load_statistics, model_fingerprint
+from .tap_cost import gram_strides
 from .verify import Verification, compare_models, reconstruction_error
 
 
@@ -56,13 +59,19 @@ class CompressOptions:
     exclude: tuple[str, ...] = ()
     """Producer nodes whose groups stay whole."""
     seed: int = 0
-    round_to: int = 1
+    round_to: int = 0
+    """Round kept widths up to a multiple of this; 0 (default) = `plan.AUTO_ROUND_TO` for
+    groups of at least `plan.AUTO_ROUND_MIN` channels, else 1 (tools/bench_speed.py: ONNX
+    Runtime's CPU convolutions run 2x faster on widths that are multiples of 8)."""
     selection: Selection = "spectral"
     reconstruct: bool = True
     preprocess: Preprocess | None = None
     progress: bool = False
     require_prunable: bool = False
     """Raise UnsupportedGraphError, before calibrating, when no group can be pruned."""
+    gram_budget: float = 0.25
+    """The taps' Gram matrices may cost at most this share of the model's MACs; the taps
+    dearest against their sinks subsample positions to meet it (`tap_cost`); 0: all positions."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -71,7 +80,9 @@ class CompressOptions:
             raise OptionsError(f"--theta {self.theta}: must lie in [0, 1]")
         if not self.ridge > 0.0:
             raise OptionsError(f"--ridge {self.ridge}: must be > 0")
-        for name in ("batch_size", "calib_samples", "round_to"):
+        if self.round_to < 0:
+            raise OptionsError(f"--round-to {self.round_to}: must be >= 0 (0: automatic)")
+        for name in ("batch_size", "calib_samples"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                    "must be >= 1")
@@ -104,8 +115,9 @@ class _StageClock:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
-             options: CompressOptions | None = None, **overrides: Any
+def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource | None,
+             options: CompressOptions | None = None, *,
+             statistics: SavedStatistics | str | Path | None = None, **overrides: Any
              ) -> tuple[onnx.ModelProto, Report]:
     """Prune the channels of `model`, calibrated on `calibration_data`.
 
@@ -114,8 +126,16 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
     ({input name: array with samples on axis 0}). Options come from `options` and keyword
     `overrides` (field names of CompressOptions), e.g. `compress(path, data, ratio=0.5)`.
     The caller's model is not modified. Returns the compressed model and the report.
+
+    `statistics`: saved statistics (a `SavedStatistics` or the path of a file written by
+    `onnx-spectral calibrate`/`merge-stats`) to select from instead of calibrating; they must
+    come from this very model (its fingerprint) with the taps this run needs. Then
+    `calibration_data` is optional and only feeds held-out verification: its first
+    `calib_samples` samples as recorded in the statistics are skipped, as a one-machine run would.
     """
     options = dataclasses.replace(options or CompressOptions(), **overrides)
+    if calibration_data is None and statistics is None:
+        raise OptionsError("give calibration data, or saved statistics (--stats)")
     clock = _StageClock()
     with clock("load"):
         original = load_model(model)
@@ -124,25 +144,36 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
     if options.require_prunable and not analysis.prunable:
         raise UnsupportedGraphError(_nothing_prunable(analysis))
     specs = model_input_specs(analysis.graph.model)
+    saved = (None if statistics is None
+             else _saved_for(statistics, original, analysis.taps))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stream = open_calibration(calibration_data, specs, preprocess=options.preprocess,
-                                  seed=options.seed)
+        stream = (None if calibration_data is None
+                  else open_calibration(calibration_data, specs, preprocess=options.preprocess,
+                                        seed=options.seed))
     notes = [str(warning.message) for warning in caught]
-    n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
-                                     options.verify_samples)
     batch = fixed_batch_size(specs) or options.batch_size
     with clock("calibrate"):
-        instrumented = instrument(analysis.graph, analysis.taps)
-        statistics = (calibrate(instrumented, stream.take(n_calib, batch), options.provider,
-                                total_samples=n_calib, progress=options.progress)
-                      if analysis.taps and options.plan_options().needs_statistics
-                      else Statistics({}, 0))
-        held_out = list(stream.take(n_verify, batch))
-    notes.extend(statistics.notes)
-    notes.extend(_rank_notes(statistics, analysis))
+        instrumented = instrument(analysis.graph, analysis.taps,
+                                  gram_strides(analysis.graph, analysis.taps, options.gram_budget))
+        if saved is not None:
+            gathered = saved.statistics
+            held_out = ([] if stream is None
+                        else _after(stream, saved.calib_samples, options.verify_samples, batch))
+            notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
+        else:
+            assert stream is not None
+            n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
+                                             options.verify_samples)
+            gathered = (calibrate(instrumented, stream.take(n_calib, batch), options.provider,
+                                  total_samples=n_calib, progress=options.progress)
+                        if analysis.taps and options.plan_options().needs_statistics
+                        else Statistics({}, 0))
+            held_out = list(stream.take(n_verify, batch))
+    notes.extend(gathered.notes)
+    notes.extend(_rank_notes(gathered, analysis))
     with clock("select"):
-        planned = plan_groups(analysis, statistics, options.plan_options())
+        planned = plan_groups(analysis, gathered, options.plan_options())
     with clock("rewrite"):
         compressed = rewrite(analysis, [item.plan for item in planned])
         _stamp(compressed, original, options)
@@ -158,7 +189,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         groups=_group_reports(analysis, planned, group_errors),
         cost_before=model_cost(analysis.graph.model),
         cost_after=model_cost(compressed),
-        calibration_samples=statistics.samples,
+        calibration_samples=gathered.samples,
         verification=verification,
         options=options.summary(),
         seconds=clock.seconds,
@@ -186,6 +217,59 @@ def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:
                          f"selection rests on the ridge alone; give at least {tap.channels} "
                          "samples")
     return notes
+
+
+def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
+                         options: CompressOptions | None = None, *, shard: Shard | None = None,
+                         **overrides: Any) -> SavedStatistics:
+    """Calibrate `model` (or one shard of the calibration range) without compressing it.
+
+    The calibration range is what `compress` would calibrate on: the first `calib_samples`
+    samples (fewer when the data is short, see `split_counts`). Shard I/N takes its I-th
+    contiguous part; the N shards' statistics merged (`stats_io.merge_statistics`) equal one run
+    over the whole range up to float rounding. The result records the model's fingerprint and
+    the taps (`stats_io`).
+    """
+    options = dataclasses.replace(options or CompressOptions(), **overrides)
+    shard = shard or Shard(1, 1)
+    original = load_model(model)
+    analysis = analyze(original, options.exclude)
+    specs = model_input_specs(analysis.graph.model)
+    stream = open_calibration(calibration_data, specs, preprocess=options.preprocess,
+                              seed=options.seed)
+    n_calib, _ = split_counts(stream.known_length, options.calib_samples, options.verify_samples)
+    start, stop = shard.bounds(n_calib)
+    batch = fixed_batch_size(specs) or options.batch_size
+    _skip(stream, start, batch)
+    instrumented = instrument(analysis.graph, analysis.taps,
+                              gram_strides(analysis.graph, analysis.taps, options.gram_budget))
+    gathered = (calibrate(instrumented, stream.take(stop - start, batch), options.provider,
+                          total_samples=stop - start, progress=options.progress)
+                if analysis.taps else Statistics({}, 0))
+    return SavedStatistics(gathered, model_fingerprint(original),
+                           tuple(TapKey.of(tap) for tap in analysis.taps), n_calib, (shard,))
+
+
+def _skip(stream: SampleStream, count: int, batch: int) -> None:
+    """Read and drop the next `count` samples of a SampleStream."""
+    for _ in stream.take(count, batch):
+        pass
+
+
+def _after(stream: SampleStream, skip: int, count: int, batch: int) -> list[FeedDict]:
+    """The `count` samples that follow the first `skip` samples of the stream."""
+    _skip(stream, skip, batch)
+    return list(stream.take(count, batch))
+
+
+def _saved_for(statistics: SavedStatistics | str | Path, original: onnx.ModelProto,
+               taps: Sequence[Tap]) -> SavedStatistics:
+    """Load saved statistics if given by path; refuse them unless made from `original`."""
+    saved = (statistics if isinstance(statistics, SavedStatistics)
+             else load_statistics(statistics))
+    where = "given" if isinstance(statistics, SavedStatistics) else str(statistics)
+    saved.check_model(model_fingerprint(original), taps, where)
+    return saved
 
 
 def _stamp(compressed: onnx.ModelProto, original: onnx.ModelProto,

@@ -6,7 +6,7 @@ merge by adding. Nothing is kept per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .data import FeedDict
 from .errors import DataError, ModelError, ResourceError, StatisticsError
-from .instrument import Instrumented, TapOutputs
+from .instrument import Instrumented, TapOutputs, assemble_gram
 from .runtime import Provider, is_out_of_memory, open_session
 
 
@@ -60,13 +60,37 @@ class Statistics:
             raise StatisticsError(f"no statistics for tensor '{tensor}'") from None
 
 
+class _TapSums:
+    """Running float64 sums of one tap's Gram blocks, channel sums and sample count."""
+
+    def __init__(self, tap: TapOutputs) -> None:
+        self.tap = tap
+        self.blocks = [np.zeros(block.shape) for block in tap.blocks]
+        self.total = np.zeros(tap.channels)
+        self.count = 0
+
+    def add(self, blocks: Sequence[np.ndarray], total: np.ndarray, shape: np.ndarray) -> None:
+        for running, block in zip(self.blocks, blocks, strict=True):
+            running += block
+        self.total += total
+        self.count += int(shape[1])
+
+    def statistics(self) -> TapStatistics:
+        gram = assemble_gram(self.tap.channels, list(zip(self.tap.blocks, self.blocks,
+                                                         strict=True)))
+        return TapStatistics(gram, self.total, self.count)
+
+
 def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider: Provider,
               *, total_samples: int | None = None, progress: bool = False) -> Statistics:
     """Feed `batches` to the instrumented model; raise StatisticsError if none came.
 
-    A batch that runs out of memory (host MemoryError, ONNX Runtime allocation failure) is
-    split in halves, and later batches are split the same way; ResourceError when even one
-    sample does not fit. A non-finite statistic raises DataError naming the tap tensor.
+    Runs through ONNX Runtime's I/O binding: inputs are bound from the host arrays, outputs
+    (the instrumented model has only the taps' Gram blocks, sums and shapes) are allocated on
+    the provider's device and only they are copied back, once per batch. A batch that runs out
+    of memory (host MemoryError, ONNX Runtime allocation failure) is split in halves, and later
+    batches are split the same way; ResourceError when even one sample does not fit. A
+    non-finite statistic raises DataError naming the tap tensor.
     """
     try:
         session = open_session(instrumented.model, provider)
@@ -76,21 +100,18 @@ def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider:
                                 ) from exc
         raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
     runner = _SplittingRunner(session, instrumented.taps)
-    accumulated: dict[str, TapStatistics] = {}
+    sums = {tap.tensor: _TapSums(tap) for tap in instrumented.taps}
     samples = 0
     with tqdm(total=total_samples, disable=not progress, unit="sample",
               desc="calibrating", leave=False) as bar:
         for feeds in batches:
-            for part in runner.run(feeds, samples):
-                for tensor, batch_stats in part.items():
-                    previous = accumulated.get(tensor)
-                    accumulated[tensor] = (batch_stats if previous is None
-                                           else previous.merged(batch_stats))
-            batch = len(next(iter(feeds.values())))
+            runner.run(feeds, samples, sums)
+            batch = _length(feeds)
             samples += batch
             bar.update(batch)
     if samples == 0:
         raise StatisticsError("calibration received no samples: the data source is empty")
+    accumulated = {tensor: tap_sums.statistics() for tensor, tap_sums in sums.items()}
     return Statistics(accumulated, samples, runner.notes())
 
 
@@ -99,25 +120,29 @@ def _length(feeds: FeedDict) -> int:
 
 
 class _SplittingRunner:
-    """Runs the instrumented session on a batch, in pieces of at most `limit` samples."""
+    """Runs the instrumented session by I/O binding, in pieces of at most `limit` samples."""
 
     def __init__(self, session: Any, taps: tuple[TapOutputs, ...]) -> None:
         self.session = session
         self.taps = taps
-        self.names = [name for tap in taps for name in (tap.gram, tap.total, tap.shape)]
+        device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.binding = session.io_binding()
+        for tap in taps:
+            for name in (*(block.name for block in tap.blocks), tap.total):
+                self.binding.bind_output(name, device)
+            self.binding.bind_output(tap.shape, "cpu")
         self.limit: int | None = None
         self.first_failure: int | None = None
 
-    def run(self, feeds: FeedDict, offset: int) -> list[dict[str, TapStatistics]]:
-        """Statistics of `feeds` (samples offset..offset+b of the run), one dict per piece."""
+    def run(self, feeds: FeedDict, offset: int, sums: Mapping[str, _TapSums]) -> None:
+        """Add the statistics of `feeds` (samples offset..offset+b of the run) to `sums`."""
         size = _length(feeds)
         step = size if self.limit is None else min(self.limit, size)
-        parts = []
         start = 0
         while start < size:
-            piece = {name: array[start:start + step] for name, array in feeds.items()}
             try:
-                results = self.session.run(self.names, piece)
+                results = self._run_piece({name: array[start:start + step]
+                                           for name, array in feeds.items()})
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise DataError(f"ONNX Runtime fails on calibration samples {offset + start}"
@@ -129,24 +154,29 @@ class _SplittingRunner:
                 step = step // 2
                 self.limit = step
                 continue
-            parts.append(self._statistics(results, offset + start, step))
+            self._add(results, offset + start, step, sums)
             start += step
-        return parts
 
-    def _statistics(self, results: list[Any], offset: int, step: int
-                    ) -> dict[str, TapStatistics]:
-        part = {}
-        for index, tap in enumerate(self.taps):
-            gram, total, shape = results[3 * index: 3 * index + 3]
-            gram = np.asarray(gram, dtype=np.float64)
-            total = np.asarray(total, dtype=np.float64)
-            if not (np.isfinite(gram).all() and np.isfinite(total).all()):
+    def _run_piece(self, piece: FeedDict) -> list[np.ndarray]:
+        for name, array in piece.items():
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        self.session.run_with_iobinding(self.binding)
+        return list(self.binding.copy_outputs_to_cpu())
+
+    def _add(self, results: list[np.ndarray], offset: int, step: int,
+             sums: Mapping[str, _TapSums]) -> None:
+        outputs = iter(results)
+        for tap in self.taps:
+            blocks = [np.asarray(next(outputs), dtype=np.float64) for _ in tap.blocks]
+            total = np.asarray(next(outputs), dtype=np.float64)
+            shape = next(outputs)
+            if not (all(np.isfinite(block).all() for block in blocks)
+                    and np.isfinite(total).all()):
                 raise DataError(f"tensor '{tap.tensor}' holds NaN or Inf values (or its squares "
                                 f"overflow float32) on calibration samples {offset}.."
                                 f"{offset + step - 1}; check those inputs and the model's "
                                 "weights: only finite activations can be calibrated")
-            part[tap.tensor] = TapStatistics(gram, total, int(shape[0]))
-        return part
+            sums[tap.tensor].add(blocks, total, shape)
 
     def notes(self) -> tuple[str, ...]:
         if self.first_failure is None:

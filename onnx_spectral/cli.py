@@ -2,6 +2,9 @@
 
     onnx-spectral IN.onnx OUT.onnx --calib DATA [--ratio R] [...]
     onnx-spectral analyze IN.onnx [--json]
+    onnx-spectral calibrate IN.onnx --calib DATA [--shard I/N] -o STATS.npz
+    onnx-spectral merge-stats STATS_1.npz STATS_2.npz ... -o STATS.npz
+    onnx-spectral IN.onnx OUT.onnx --stats STATS.npz [--calib DATA for held-out verification]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import onnx
 
 from . import atomic
 from .analysis import analyze
-from .api import CompressOptions, compress
+from .api import CompressOptions, calibrate_statistics, compress
 from .cost import model_cost
 from .data import Preprocess
 from .errors import (
@@ -34,7 +37,8 @@ from .errors import (
     UnsupportedGraphError,
 )
 from .graph import load_model
-from .report import analysis_dict, format_analysis
+from .report import analysis_dict, format_analysis, format_seconds
+from .stats_io import Shard, load_statistics, merge_statistics, save_statistics
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -67,9 +71,13 @@ def _compress_parser() -> argparse.ArgumentParser:
                     "Use `onnx-spectral analyze IN.onnx` to list its channel groups.")
     parser.add_argument("input", type=Path, help="model to compress (.onnx)")
     parser.add_argument("output", type=Path, help="where to write the compressed model")
-    parser.add_argument("--calib", required=True,
+    parser.add_argument("--calib",
                         help="calibration data: .npz (one array per input), .npy, a folder of "
-                             ".npy/.npz files or of images (see --preprocess), or 'random'")
+                             ".npy/.npz files or of images (see --preprocess), or 'random'; "
+                             "with --stats only used for held-out verification")
+    parser.add_argument("--stats", type=Path,
+                        help="select from saved statistics (onnx-spectral calibrate / "
+                             "merge-stats) instead of calibrating")
     parser.add_argument("--ratio", type=float, default=defaults.ratio,
                         help="fraction of channels each prunable group keeps (default %(default)s)")
     parser.add_argument("--theta", type=float, default=defaults.theta,
@@ -87,7 +95,8 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="producer nodes whose channel groups stay whole")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
-                        help="round kept widths up to a multiple of this")
+                        help="round kept widths up to a multiple of this; 0 (default): 8 for "
+                             "groups of 64 channels or more, else 1")
     parser.add_argument("--selection", choices=("spectral", "l1"), default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")
     parser.add_argument("--no-reconstruction", action="store_true",
@@ -102,6 +111,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unchanged", action="store_true",
                         help="write the model even when no channel group can be pruned "
                              "(default: exit 6 and write nothing)")
+    _add_gram_budget(parser, defaults)
     return parser
 
 
@@ -124,8 +134,12 @@ def _run_compress(argv: Sequence[str]) -> int:
         round_to=args.round_to, selection=args.selection,
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
         progress=sys.stderr.isatty(), require_prunable=not args.allow_unchanged,
+        gram_budget=args.gram_budget,
     )
-    model, report = compress(args.input, args.calib, options)
+    if args.calib is None and args.stats is None:
+        raise OptionsError("give --calib DATA, or --stats STATS.npz written by `onnx-spectral "
+                           "calibrate` (see onnx-spectral --help)")
+    model, report = compress(args.input, args.calib, options, statistics=args.stats)
     external = args.external_data or _has_external_data(args.input)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     written = atomic.save_model(model, args.output, external_data=external)
@@ -133,6 +147,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(args.report, report.to_json())
     print(report.format())
+    print(format_seconds(report.seconds))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
@@ -185,6 +200,69 @@ def _run_analyze(argv: Sequence[str]) -> int:
     return 0
 
 
+def _calibrate_parser() -> argparse.ArgumentParser:
+    defaults = CompressOptions()
+    parser = argparse.ArgumentParser(
+        prog="onnx-spectral calibrate",
+        description="Gather channel statistics (or one shard of them) without compressing.")
+    parser.add_argument("input", type=Path, help="model to calibrate (.onnx)")
+    parser.add_argument("--calib", required=True, help="calibration data, as for compression")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="statistics file to write (.npz)")
+    parser.add_argument("--shard", type=Shard.parse, default=Shard(1, 1),
+                        help="I/N: calibrate the I-th of N contiguous parts (1-based) of the "
+                             "first --calib-samples samples")
+    parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
+                        help="as for compression: short data keeps these back from the range")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=defaults.provider)
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--preprocess", type=Preprocess.parse, default=None)
+    _add_gram_budget(parser, defaults)
+    return parser
+
+
+def _add_gram_budget(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
+    parser.add_argument("--gram-budget", type=float, default=defaults.gram_budget,
+                        help="calibration's Gram matrices may cost at most this share of the "
+                             "model's MACs; taps whose Gram is dear against the layers reading "
+                             "them subsample positions to meet it (0: every position; default "
+                             "%(default)s)")
+
+
+def _run_calibrate(argv: Sequence[str]) -> int:
+    args = _calibrate_parser().parse_args(argv)
+    options = CompressOptions(batch_size=args.batch_size, calib_samples=args.calib_samples,
+                              verify_samples=args.verify_samples, provider=args.provider,
+                              exclude=tuple(args.exclude), seed=args.seed,
+                              preprocess=args.preprocess, progress=sys.stderr.isatty(),
+                              gram_budget=args.gram_budget)
+    saved = calibrate_statistics(args.input, args.calib, options, shard=args.shard)
+    atomic.write_atomically(args.output, lambda path: save_statistics(path, saved))
+    print(f"shard {args.shard}: {saved.statistics.samples} samples, {len(saved.taps)} taps; "
+          f"wrote {args.output}")
+    return 0
+
+
+def _run_merge(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="onnx-spectral merge-stats",
+                                     description="Add the statistics of calibration shards.")
+    parser.add_argument("inputs", type=Path, nargs="+", help="statistics files (.npz)")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    merged = merge_statistics([load_statistics(path) for path in args.inputs],
+                              [str(path) for path in args.inputs])
+    atomic.write_atomically(args.output, lambda path: save_statistics(path, merged))
+    missing = merged.missing_shards()
+    if missing:
+        print(f"warning: shards {', '.join(missing)} are missing", file=sys.stderr)
+    print(f"{merged.statistics.samples} samples from {len(merged.shards)} shards; "
+          f"wrote {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnx-spectral` console script; returns the exit code.
 
@@ -195,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments[:1] == ["analyze"]:
             return _run_analyze(arguments[1:])
+        if arguments[:1] == ["calibrate"]:
+            return _run_calibrate(arguments[1:])
+        if arguments[:1] == ["merge-stats"]:
+            return _run_merge(arguments[1:])
         return _run_compress(arguments)
     except SpectralError as exc:
         print(f"onnx-spectral: error: {exc}", file=sys.stderr)

@@ -84,6 +84,12 @@ class Report:
         return "\n".join(lines)
 
 
+def format_seconds(seconds: Mapping[str, float]) -> str:
+    """One line: wall-clock seconds per pipeline stage and their total."""
+    stages = ", ".join(f"{stage} {value:.1f}" for stage, value in seconds.items())
+    return f"seconds: {stages} (total {sum(seconds.values()):.1f})"
+
+
 def _ratio_line(label: str, before: int, after: int) -> str:
     share = after / before if before else 1.0
     return f"{label}: {before:,} -> {after:,} ({100 * share:.1f}% kept)"

@@ -93,6 +93,6 @@ def test_instrumented_model_only_returns_square_statistics() -> None:
     dims = {output.name: [d.dim_value for d in output.type.tensor_type.shape.dim]
             for output in instrumented.model.graph.output}
     for tap, names in zip(analysis.taps, instrumented.taps, strict=True):
-        assert dims[names.gram] == [tap.channels, tap.channels]
+        assert [dims[block.name] for block in names.blocks] == [[tap.channels, tap.channels]]
         assert dims[names.total] == [tap.channels]
     assert len(dims) == 3 * len(analysis.taps)

@@ -73,7 +73,7 @@ def test_ratio_outside_zero_one(capsys, tmp_path: Path, model_path: Path, ratio:
     (["--ratio", "half"], "argument --ratio: invalid float value: 'half'"),
     (["--calib", "random", "--bogus"], "unrecognized arguments: --bogus"),
     (["--provider", "tpu"], "invalid choice: 'tpu'"),
-    ([], "the following arguments are required: --calib"),
+    ([], "give --calib DATA, or --stats STATS.npz"),
 ])
 def test_argparse_errors_are_one_line_with_code_2(capsys, tmp_path: Path, model_path: Path,
                                                   args: list[str], phrase: str) -> None:

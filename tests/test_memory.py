@@ -27,20 +27,47 @@ ORT_MESSAGE = ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status cod
 
 
 class _Limited:
-    """A session that fails like an out-of-memory allocation above `limit` samples."""
+    """A session that fails like an out-of-memory allocation above `limit` samples.
+
+    Calibration runs through I/O binding: the binding's bound input size decides the failure.
+    """
 
     def __init__(self, session: Any, limit: int, error: BaseException) -> None:
         self.session = session
         self.limit = limit
         self.error = error
         self.sizes: list[int] = []
+        self._bound = 0
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
-        size = len(next(iter(feeds.values())))
-        self.sizes.append(size)
-        if size > self.limit:
+    def get_providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def io_binding(self) -> _LimitedBinding:
+        return _LimitedBinding(self, self.session.io_binding())
+
+    def run_with_iobinding(self, binding: _LimitedBinding) -> None:
+        self.sizes.append(self._bound)
+        if self._bound > self.limit:
             raise self.error
-        return self.session.run(names, feeds)
+        self.session.run_with_iobinding(binding.binding)
+
+
+class _LimitedBinding:
+    """An ORT IOBinding that tells its session how many samples were bound."""
+
+    def __init__(self, owner: _Limited, binding: Any) -> None:
+        self.owner = owner
+        self.binding = binding
+
+    def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        self.owner._bound = len(array)
+        self.binding.bind_cpu_input(name, array)
+
+    def bind_output(self, name: str, device: str) -> None:
+        self.binding.bind_output(name, device)
+
+    def copy_outputs_to_cpu(self) -> list[Any]:
+        return self.binding.copy_outputs_to_cpu()
 
 
 def _inject(monkeypatch: pytest.MonkeyPatch, limit: int, error: BaseException) -> list[_Limited]:

@@ -1,0 +1,438 @@
+"""Speed and scale of onnx-spectral, each figure a ratio measured side by side in one run.
+
+    python tools/bench_speed.py [--sections calib select memory latency e2e] [--models ...]
+    python tools/bench_speed.py --sections gpu      # calibration throughput, CPU vs CUDA
+
+Sections (targets from issue 5):
+  calib    instrumented calibration vs plain ONNX Runtime inference of the original model over
+           the same batches, same provider and threads, interleaved, best of --repeats (<= 1.3x)
+  select   greedy selection, m = 256..4096, k = m/2; fitted exponent of time vs k m^2 (<= 1),
+           m = 2048 under 2 s
+  memory   peak RSS of a CREPE full compression, 500 vs 5,000 streamed calibration samples, each
+           in its own subprocess (difference < 10% of the model size + one batch of activations)
+  latency  ORT CPU latency of compressed vs original at MACs kept 0.5 and 0.25, batch 1 and 32,
+           with --round-to 1/8/16/32 (speedup >= 0.8 x MAC reduction)
+  e2e      CREPE full, 2,000 calibration tones + 200 held out, end to end, seconds per stage
+  gpu      calibration samples/s with --provider cpu and --provider cuda (needs onnxruntime-gpu)
+
+Models: crepe-full (models/crepe.py) and resnet50 (the onnx package's light ResNet-50 with
+seeded random weights, models/zoo.py, when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import crepe  # noqa: E402
+from onnx_spectral import compress  # noqa: E402
+from onnx_spectral.analysis import Analysis, analyze  # noqa: E402
+from onnx_spectral.api import calibrate_statistics  # noqa: E402
+from onnx_spectral.calibrate import calibrate  # noqa: E402
+from onnx_spectral.cost import model_cost  # noqa: E402
+from onnx_spectral.graph import load_model  # noqa: E402
+from onnx_spectral.instrument import Instrumented, instrument  # noqa: E402
+from onnx_spectral.runtime import Provider, open_session  # noqa: E402
+from onnx_spectral.select import (  # noqa: E402
+    TapProblem,
+    greedy_select,
+    loss_weight,
+    uniform_width,
+)
+from onnx_spectral.tap_cost import gram_strides  # noqa: E402
+
+Feeds = dict[str, np.ndarray]
+SCRATCH = Path(tempfile.gettempdir()) / "onnx_spectral_bench"
+
+
+# ------------------------------------------------------------------------------------- models
+
+def crepe_inputs(n: int, seed: int) -> np.ndarray:
+    return crepe.make_tones(n, seed=seed)[0]
+
+
+def model_and_batches(name: str, batch: int, count: int) -> tuple[Path, list[Feeds]]:
+    """The model file and `batch * count` real (CREPE) or random (light zoo) inputs in batches.
+
+    The light zoo graphs have a static batch of 1 (a Reshape constant hard-codes it); the bench
+    runs a copy with a dynamic batch (`dynamic_batch`) so that both batch sizes can be measured.
+    """
+    if name == "crepe-full":
+        frames = crepe_inputs(batch * count, seed=21)
+        return crepe.crepe_onnx("full"), [{"frames": frames[i * batch:(i + 1) * batch]}
+                                          for i in range(count)]
+    from models import zoo
+
+    path = dynamic_batch(zoo.light_model(name))
+    images = zoo.light_inputs(batch * count, seed=21)
+    input_name = zoo.light_input_name(path)
+    return path, [{input_name: images[i * batch:(i + 1) * batch]} for i in range(count)]
+
+
+def dynamic_batch(path: Path) -> Path:
+    """A copy of a batch-1 light zoo model with batch 'N' and `[1, F]` Reshape targets `[-1, F]`.
+
+    Written next to the bench's other scratch files (`SCRATCH`), once.
+    """
+    target = SCRATCH / f"{path.stem}_batchN.onnx"
+    if target.is_file():
+        return target
+    model = onnx.load(str(path))
+    for value in (*model.graph.input[:1], *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        shape = constants.get(node.input[1]) if node.op_type == "Reshape" else None
+        if shape is not None:
+            value = onnx.numpy_helper.to_array(shape).copy()
+            if value.ndim == 1 and value.size == 2 and value[0] == 1:
+                value[0] = -1
+                shape.CopyFrom(onnx.numpy_helper.from_array(value, shape.name))
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return target
+
+
+def available_models(requested: list[str]) -> list[str]:
+    names = []
+    for name in requested:
+        if name != "crepe-full":
+            try:
+                from models import zoo  # noqa: F401
+            except ImportError:
+                print(f"  {name}: skipped, models/zoo.py is not in this checkout")
+                continue
+        names.append(name)
+    return names
+
+
+# -------------------------------------------------------------------------------------- calib
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _side_by_side(original: onnx.ModelProto, instrumented: Instrumented, batches: list[Feeds],
+                  provider: Provider, repeats: int) -> tuple[float, float, float]:
+    """Best plain seconds, best calibration seconds, median ratio; runs interleaved.
+
+    Plain: a session on the original model and `run` over the batches. Calibration: the
+    library's `calibrate` (its session, I/O binding, float64 accumulation). Both include
+    creating their session.
+    """
+
+    def run_plain() -> None:
+        session = open_session(original, provider)
+        for feeds in batches:
+            session.run(None, feeds)
+
+    def run_calib() -> None:
+        calibrate(instrumented, batches, provider)
+
+    run_plain()  # warm up both
+    run_calib()
+    plain_times, calib_times = [], []
+    for _ in range(repeats):
+        plain_times.append(_timed(run_plain))
+        calib_times.append(_timed(run_calib))
+    return (min(plain_times), min(calib_times),
+            statistics.median(calib_times) / statistics.median(plain_times))
+
+
+def bench_calibration(names: list[str], provider: Provider, repeats: int,
+                      sizes: dict[str, tuple[int, int]], budget: float) -> None:
+    print(f"\n== calibration overhead (provider {provider}, best of {repeats}, --gram-budget "
+          f"{budget}) ==")
+    for name in names:
+        batch, count = sizes[name]
+        path, batches = model_and_batches(name, batch, count)
+        original = load_model(path)
+        analysis = analyze(original)
+        strides = gram_strides(analysis.graph, analysis.taps, budget)
+        instrumented = instrument(analysis.graph, analysis.taps, strides)
+
+        best_plain, best_calib, median_ratio = _side_by_side(original, instrumented, batches,
+                                                             provider, repeats)
+        channels = sum(tap.channels for tap in analysis.taps)
+        print(f"  {name}, {count} batches of {batch}: {len(analysis.taps)} taps ({channels} "
+              f"channels), {len(strides)} subsampled (strides {sorted(set(strides.values()))}); "
+              "plain "
+              f"{best_plain:.2f} s, calibration {best_calib:.2f} s (sessions included); "
+              f"ratio {best_calib / best_plain:.2f}x (target <= 1.3x); median ratio "
+              f"{median_ratio:.2f}x")
+
+
+# ------------------------------------------------------------------------------------- select
+
+def _problem(m: int, seed: int) -> TapProblem:
+    """A Sigma with a decaying spectrum and a random sink Z^T Z, as real layers have."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((m, m)) * (1.0 / np.arange(1, m + 1) ** 0.7)
+    sigma = basis @ basis.T / m
+    z = rng.standard_normal((m // 2, m))
+    return TapProblem(sigma, loss_weight(m, z.T @ z, 0.5), 1e-3 * np.trace(sigma) / m)
+
+
+def bench_selection(sizes: list[int]) -> None:
+    print("\n== greedy selection, k = m/2 ==")
+    print("  (wall-clock, best of 2 below m = 4096; CPU seconds of all threads beside it: on a "
+          "machine shared with other jobs the wall-clock time is inflated, CPU time much less)")
+    work, seconds = [], []
+    for m in sizes:
+        problem = _problem(m, seed=m)
+        runs = []
+        for _ in range(2 if m < 4096 else 1):
+            cpu = time.process_time()
+            wall = _timed(lambda p=problem, k=m // 2: greedy_select([p], k))
+            runs.append((wall, time.process_time() - cpu))
+        elapsed, cpu_seconds = min(runs)
+        work.append((m // 2) * m * m)
+        seconds.append(elapsed)
+        print(f"  m = {m:5d}, k = {m // 2:5d}: {elapsed:7.3f} s wall, {cpu_seconds:7.3f} s CPU")
+    slope = np.polyfit(np.log(work), np.log(seconds), 1)[0]
+    tail = np.polyfit(np.log(work[-3:]), np.log(seconds[-3:]), 1)[0]
+    print(f"  fitted exponent of time vs k m^2: {slope:.2f} over all sizes, {tail:.2f} over the "
+          "three largest (target <= 1)")
+    if 2048 in sizes:
+        print(f"  m = 2048: {seconds[sizes.index(2048)]:.2f} s (target < 2 s)")
+
+
+# ------------------------------------------------------------------------------------- memory
+
+def _streamed_tones(total: int, batch: int) -> Iterator[Feeds]:
+    """Calibration tones generated batch by batch: the data never sits in memory whole."""
+    for start in range(0, total, batch):
+        yield {"frames": crepe_inputs(min(batch, total - start), seed=1000 + start)}
+
+
+def memory_child(samples: int) -> None:
+    """Run one CREPE full compression on `samples` streamed tones; print peak RSS (bytes)."""
+    _, report = compress(crepe.crepe_onnx("full"), _streamed_tones(samples + 200, 32),
+                         calib_samples=samples, verify_samples=200, provider="cpu")
+    assert report.calibration_samples == samples
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"samples": samples, "peak_rss": peak}))
+
+
+def _activation_bytes(model: onnx.ModelProto, batch: int) -> int:
+    """Bytes of every float tensor the model computes for one batch (from inferred shapes)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    total = 0
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else batch
+                for d in value.type.tensor_type.shape.dim]
+        total += int(np.prod(dims)) * 4
+    return total
+
+
+def bench_memory(sizes: list[int]) -> None:
+    print("\n== peak RSS of a CREPE full compression vs calibration samples ==")
+    peaks = {}
+    for samples in sizes:
+        output = subprocess.run([sys.executable, __file__, "--memory-child", str(samples)],
+                                check=True, capture_output=True, text=True).stdout
+        peaks[samples] = json.loads(output.strip().splitlines()[-1])["peak_rss"]
+        print(f"  {samples:5d} samples: peak RSS {peaks[samples] / 2**20:.1f} MiB")
+    path = crepe.crepe_onnx("full")
+    model_bytes = path.stat().st_size
+    batch_bytes = _activation_bytes(onnx.load(str(path)), 32)
+    limit = 0.1 * model_bytes + batch_bytes
+    growth = peaks[max(sizes)] - peaks[min(sizes)]
+    print(f"  growth {growth / 2**20:.1f} MiB; limit 10% of the model ({model_bytes / 2**20:.1f} "
+          f"MiB) + one batch of 32 activations ({batch_bytes / 2**20:.1f} MiB) = "
+          f"{limit / 2**20:.1f} MiB: {'holds' if growth < limit else 'FAILS'}")
+
+
+# ------------------------------------------------------------------------------------ latency
+
+def _latencies(sessions: dict[str, ort.InferenceSession], feeds: Feeds,
+               repeats: int) -> dict[str, float]:
+    """Median seconds of one `run` per session; sessions take turns within each repeat."""
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(repeats):
+        for label, session in sessions.items():
+            times[label].append(_timed(lambda s=session: s.run(None, feeds)))
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _predicted_macs(analysis: Analysis, macs_by_node: dict[str, int], ratio: float,
+                    round_to: int) -> float:
+    """Share of MACs kept at `ratio`: each Conv/Gemm scales with its kept outputs x inputs.
+
+    Exact for dense layers (MACs proportional to C_out x C_in); the bench prints it beside the
+    compressed model's measured MACs.
+    """
+    scale = dict.fromkeys(macs_by_node, 1.0)
+    for group in analysis.prunable:
+        kept = uniform_width(group.channels, ratio, round_to) / group.channels
+        for producer in group.producers:
+            scale[producer] *= kept
+        for sink in {sink.node for tap in group.taps for sink in tap.sinks}:
+            scale[sink] *= kept
+    return sum(macs * scale[node] for node, macs in macs_by_node.items()) / sum(
+        macs_by_node.values())
+
+
+def _ratio_for_macs(analysis: Analysis, macs_by_node: dict[str, int], target: float) -> float:
+    """Per-group --ratio whose model keeps about `target` of the MACs (bisection)."""
+    low, high = 0.01, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        if _predicted_macs(analysis, macs_by_node, middle, 1) < target:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def bench_latency(names: list[str], targets: list[float], rounds: list[int],
+                  repeats: int) -> None:
+    print(f"\n== ORT CPU latency, compressed vs original (median of {repeats}) ==")
+    for name in names:
+        path, batches = model_and_batches(name, 32, 4 if name == "crepe-full" else 1)
+        saved = calibrate_statistics(path, iter(batches), calib_samples=128, verify_samples=0,
+                                     provider="cpu")
+        original = load_model(path)
+        analysis = analyze(original)
+        macs_by_node = dict(model_cost(analysis.graph.model).macs_by_node)
+        before = model_cost(original).macs
+        sessions = {"original": open_session(original, "cpu")}
+        for target in targets:
+            ratio = _ratio_for_macs(analysis, macs_by_node, target)
+            for round_to in rounds:
+                model, report = compress(path, None, statistics=saved, ratio=ratio,
+                                         round_to=round_to)
+                kept = report.cost_after.macs / before
+                predicted = _predicted_macs(analysis, macs_by_node, ratio, round_to)
+                sessions[f"MACs {kept:.3f} (predicted {predicted:.3f}, target {target}, ratio "
+                         f"{ratio:.3f}, round-to {round_to})"] = open_session(model, "cpu")
+        for batch in (1, 32):
+            feeds = {key: value[:batch] for key, value in batches[0].items()}
+            for session in sessions.values():
+                session.run(None, feeds)  # warm up
+            times = _latencies(sessions, feeds, repeats if batch > 1 else 4 * repeats)
+            base = times["original"]
+            print(f"  {name}, batch {batch}: original {1000 * base:.1f} ms")
+            for label, seconds in times.items():
+                if label == "original":
+                    continue
+                kept = float(label.split()[1])
+                speedup = base / seconds
+                needed = 0.8 / kept
+                print(f"    {label}: {1000 * seconds:.1f} ms, speedup {speedup:.2f}x, MAC "
+                      f"reduction {1 / kept:.2f}x, speedup/MAC reduction {speedup * kept:.2f} "
+                      f"(target >= 0.8: {'holds' if speedup >= needed else 'FAILS'})")
+
+
+# ---------------------------------------------------------------------------------------- e2e
+
+def bench_end_to_end() -> None:
+    print("\n== end to end: CREPE full, 2,000 calibration tones + 200 held out ==")
+    frames = crepe_inputs(2200, seed=11)
+    start, cpu = time.perf_counter(), time.process_time()
+    _, report = compress(crepe.crepe_onnx("full"), {"frames": frames}, ratio=0.5,
+                         calib_samples=2000, verify_samples=200, provider="cpu")
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu
+    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.seconds.items())
+    print(f"  total {total:.1f} s wall (target < 120 s), {cpu:.1f} CPU seconds of all threads "
+          f"(wall on a machine shared with other jobs is inflated): {stages}")
+
+
+# ---------------------------------------------------------------------------------------- gpu
+
+def _calibration_seconds(instrumented: Instrumented, batches: list[Feeds],
+                         provider: Provider) -> float:
+    """Seconds of `calibrate` over `batches` after one warm-up batch (CUDA kernels, arenas)."""
+    calibrate(instrumented, batches[:1], provider)
+    return _timed(lambda: calibrate(instrumented, batches, provider))
+
+
+def bench_gpu(names: list[str], batch: int, count: int) -> None:
+    print(f"\n== calibration throughput, CPU vs CUDA provider ({count} batches of {batch}) ==")
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, when installed so
+        ort.preload_dlls()
+    print(f"  onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
+    for name in names:
+        path, batches = model_and_batches(name, batch, count)
+        analysis = analyze(load_model(path))
+        instrumented = instrument(analysis.graph, analysis.taps,
+                                  gram_strides(analysis.graph, analysis.taps, 0.25))
+        used = open_session(instrumented.model, "cuda").get_providers()
+        if used[0] != "CUDAExecutionProvider":
+            raise SystemExit(f"the CUDA provider did not start (session providers {used}); "
+                             "check the CUDA 12 / cuDNN 9 libraries")
+        rates = {}
+        for provider in ("cpu", "cuda"):
+            seconds = _calibration_seconds(instrumented, batches, provider)
+            rates[provider] = batch * count / seconds
+            print(f"  {name}, {provider}: {rates[provider]:.1f} samples/s")
+        print(f"  {name}: CUDA/CPU throughput {rates['cuda'] / rates['cpu']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+",
+                        default=["calib", "select", "memory", "latency", "e2e"],
+                        choices=["calib", "select", "memory", "latency", "e2e", "gpu"])
+    parser.add_argument("--models", nargs="+", default=["crepe-full", "resnet50"])
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                        help="provider of the calib section")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--zoo-batch", type=int, default=8,
+                        help="calib section: batch size for the light zoo models")
+    parser.add_argument("--zoo-batches", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--memory-samples", type=int, nargs=2, default=[500, 5000])
+    parser.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--gram-budget", type=float, nargs="+", default=[0.25, 0.0],
+                        help="calib section: --gram-budget values to measure")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return
+    print(f"onnxruntime {ort.__version__}, {ort.get_available_providers()}; "
+          f"{len(__import__('os').sched_getaffinity(0))} CPUs")
+    names = available_models(args.models)
+    for section in args.sections:
+        if section == "calib":
+            sizes = {name: ((args.batch, args.batches) if name == "crepe-full"
+                            else (args.zoo_batch, args.zoo_batches)) for name in names}
+            for budget in args.gram_budget:
+                bench_calibration(names, args.provider, args.repeats, sizes, budget)
+        elif section == "select":
+            bench_selection(args.sizes)
+        elif section == "memory":
+            bench_memory(args.memory_samples)
+        elif section == "latency":
+            bench_latency(names, args.macs, args.round_to, max(5, args.repeats))
+        elif section == "e2e":
+            bench_end_to_end()
+        elif section == "gpu":
+            bench_gpu(names, args.batch, args.batches)  # same batches for every model
+
+
+if __name__ == "__main__":
+    main()
