@@ -15,8 +15,8 @@ Sections (targets from issue 5):
   e2e      CREPE full, 2,000 calibration tones + 200 held out, end to end, seconds per stage
   gpu      calibration samples/s with --provider cpu and --provider cuda (needs onnxruntime-gpu)
 
-Models: crepe-full (models/crepe.py) and resnet50 (the onnx package's light ResNet-50 with
-seeded random weights, models/zoo.py, when present).
+Models: crepe-full and crepe-tiny (models/crepe.py), and the onnx package's light zoo graphs
+such as resnet50 with seeded random weights (models/zoo.py, when present).
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ def model_and_batches(name: str, batch: int, count: int) -> tuple[Path, list[Fee
     The light zoo graphs have a static batch of 1 (a Reshape constant hard-codes it); the bench
     runs a copy with a dynamic batch (`dynamic_batch`) so that both batch sizes can be measured.
     """
-    if name == "crepe-full":
+    if name in ("crepe-full", "crepe-tiny"):
         frames = crepe_inputs(batch * count, seed=21)
-        return crepe.crepe_onnx("full"), [{"frames": frames[i * batch:(i + 1) * batch]}
-                                          for i in range(count)]
+        capacity = "full" if name == "crepe-full" else "tiny"
+        return crepe.crepe_onnx(capacity), [{"frames": frames[i * batch:(i + 1) * batch]}
+                                            for i in range(count)]
     from models import zoo
 
     path = dynamic_batch(zoo.light_model(name))
@@ -112,7 +113,7 @@ def dynamic_batch(path: Path) -> Path:
 def available_models(requested: list[str]) -> list[str]:
     names = []
     for name in requested:
-        if name != "crepe-full":
+        if name not in ("crepe-full", "crepe-tiny"):
             try:
                 from models import zoo  # noqa: F401
             except ImportError:
@@ -378,7 +379,7 @@ def bench_gpu(names: list[str], batch: int, count: int) -> None:
         used = open_session(instrumented.model, "cuda").get_providers()
         if used[0] != "CUDAExecutionProvider":
             raise SystemExit(f"the CUDA provider did not start (session providers {used}); "
-                             "check the CUDA 12 / cuDNN 9 libraries")
+                             "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         rates = {}
         for provider in ("cpu", "cuda"):
             seconds = _calibration_seconds(instrumented, batches, provider)
