@@ -19,6 +19,7 @@ import onnx
 
 from .analysis import Analysis, analyze
 from .calibrate import Statistics, calibrate
+from .compensate import compensated_plans
 from .cost import model_cost
 from .data import (
     DataSource,
@@ -31,12 +32,14 @@ from .data import (
 )
 from .errors import OptionsError
 from .graph import load_model
+from .group_cost import group_costs
 from .instrument import Instrumented, instrument
 from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
 from .report import GroupReport, Report
 from .rewrite import rewrite
 from .runtime import Provider
 from .verify import Verification, compare_models, reconstruction_error
+from .widths import ALLOCATIONS, Allocation
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,16 @@ class CompressOptions:
     reconstruct: bool = True
     preprocess: Preprocess | None = None
     progress: bool = False
+    flops: float | None = None
+    """Fraction of the whole model's MACs to keep; overrides `ratio`."""
+    params: float | None = None
+    """Fraction of the whole model's parameters to keep; overrides `ratio`."""
+    allocation: Allocation = "uniform"
+    """How a flops/params budget becomes group widths: uniform, dof or greedy."""
+    min_keep: int = 1
+    """No group keeps fewer channels (unless it has fewer)."""
+    compensation: bool = False
+    """Sequential compensation: reconstruct toward the original model's activations."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -77,11 +90,23 @@ class CompressOptions:
             raise OptionsError(f"--verify-samples {self.verify_samples}: must be >= 0")
         if self.selection not in ("spectral", "l1"):
             raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1")
+        if self.flops is not None and self.params is not None:
+            raise OptionsError("give one budget: --flops or --params, not both")
+        for name in ("flops", "params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise OptionsError(f"--{name} {value}: must lie in (0, 1]")
+        if self.allocation not in ALLOCATIONS:
+            raise OptionsError(f"allocation '{self.allocation}': accepted: "
+                               f"{', '.join(ALLOCATIONS)}")
+        if self.min_keep < 1:
+            raise OptionsError(f"--min-keep {self.min_keep}: must be >= 1")
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(ratio=self.ratio, theta=self.theta, rho=self.ridge,
                            round_to=self.round_to, selection=self.selection,
-                           reconstruct=self.reconstruct)
+                           reconstruct=self.reconstruct, flops=self.flops, params=self.params,
+                           allocation=self.allocation, min_keep=self.min_keep)
 
     def summary(self) -> dict[str, Any]:
         """The options as plain values, for the report."""
@@ -128,15 +153,28 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
     n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
                                      options.verify_samples)
     batch = fixed_batch_size(specs) or options.batch_size
+    plan_options = options.plan_options()
+    compensating = (options.compensation and plan_options.needs_statistics
+                    and options.reconstruct and bool(analysis.taps))
     with clock("calibrate"):
         instrumented = instrument(analysis.graph, analysis.taps)
-        statistics = (calibrate(instrumented, stream.take(n_calib, batch), options.provider,
+        calibration = stream.take(n_calib, batch)
+        if compensating:
+            calibration = list(calibration)  # read again by each compensation pass
+        statistics = (calibrate(instrumented, calibration, options.provider,
                                 total_samples=n_calib, progress=options.progress)
-                      if analysis.taps and options.plan_options().needs_statistics
+                      if analysis.taps and plan_options.needs_statistics
                       else Statistics({}, 0))
         held_out = list(stream.take(n_verify, batch))
+    cost_before = model_cost(analysis.graph.model)
+    costs = group_costs(analysis, cost_before) if plan_options.budgeted else None
     with clock("select"):
-        planned = plan_groups(analysis, statistics, options.plan_options())
+        if compensating:
+            batches = calibration
+            planned = compensated_plans(analysis, statistics, plan_options, lambda: batches,
+                                        options.provider, costs)
+        else:
+            planned = plan_groups(analysis, statistics, plan_options, costs)
     with clock("rewrite"):
         compressed = rewrite(analysis, [item.plan for item in planned])
         _stamp(compressed, original, options)
@@ -150,7 +188,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         notes.append("no channel group is prunable: the model is unchanged (see the reasons)")
     report = Report(
         groups=_group_reports(analysis, planned, group_errors),
-        cost_before=model_cost(analysis.graph.model),
+        cost_before=cost_before,
         cost_after=model_cost(compressed),
         calibration_samples=statistics.samples,
         verification=verification,
@@ -197,6 +235,7 @@ def _verify(original: onnx.ModelProto, compressed: onnx.ModelProto,
 def _group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
                    errors: dict[int, float]) -> tuple[GroupReport, ...]:
     kept = {item.plan.group.id: int(item.plan.kept.size) for item in planned}
+    by_id = {item.plan.group.id: item for item in planned}
     return tuple(
         GroupReport(
             id=group.id,
@@ -205,6 +244,14 @@ def _group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
             kept=kept.get(group.id, group.channels),
             heldout_error=errors.get(group.id),
             frozen=group.frozen,
+            spectrum=_spectrum(by_id.get(group.id)),
+            dof=None if group.id not in by_id else by_id[group.id].dof,
         )
         for group in analysis.groups
     )
+
+
+def _spectrum(item: PlannedGroup | None) -> tuple[float, ...]:
+    if item is None or item.spectrum is None:
+        return ()
+    return tuple(float(value) for value in item.spectrum)

@@ -30,7 +30,9 @@ from .errors import (
     StatisticsError,
 )
 from .graph import load_model
+from .plots import write_plots
 from .report import analysis_dict, format_analysis
+from .widths import ALLOCATIONS
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -79,7 +81,31 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="for image folders, e.g. 'resize=256,crop=224,"
                              "mean=0.485:0.456:0.406,std=0.229:0.224:0.225'")
     parser.add_argument("--report", type=Path, help="also write the report as JSON here")
+    _add_budget_arguments(parser, defaults)
     return parser
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--flops", type=float, default=defaults.flops, metavar="R",
+                        help="fraction of the whole model's MACs to keep (overrides --ratio)")
+    budget.add_argument("--params", type=float, default=defaults.params, metavar="R",
+                        help="fraction of the whole model's parameters to keep "
+                             "(overrides --ratio)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                        help="per-group widths under --flops/--params: uniform, dof (degrees of "
+                             "freedom of the spectrum) or greedy (loss curve per unit of cost) "
+                             "(default %(default)s)")
+    parser.add_argument("--min-keep", type=int, default=defaults.min_keep,
+                        help="no group keeps fewer channels (default %(default)s)")
+    compensation = parser.add_mutually_exclusive_group()
+    compensation.add_argument("--compensation", dest="compensation", action="store_true",
+                              default=defaults.compensation,
+                              help="sequential compensation: reconstruct toward the original "
+                                   "model's activations (one extra calibration pass per layer)")
+    compensation.add_argument("--no-compensation", dest="compensation", action="store_false")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="write PNG figures (spectra, widths) here; needs matplotlib")
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
@@ -115,7 +141,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         provider=args.provider, exclude=tuple(args.exclude), seed=args.seed,
         round_to=args.round_to, selection=args.selection,
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), flops=args.flops, params=args.params,
+        allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
     )
     model, report = compress(args.input, args.calib, options)
     _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))
@@ -123,6 +150,9 @@ def _run_compress(argv: Sequence[str]) -> int:
         _write_atomically(args.report, lambda path: path.write_text(report.to_json()))
     print(report.format())
     print(f"wrote {args.output}")
+    if args.plots is not None:
+        for path in write_plots(report, args.plots):
+            print(f"wrote {path}")
     return 0
 
 

@@ -9,6 +9,7 @@ reconstruction (or plain channel dropping for the baseline without reconstructio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,9 +17,11 @@ import numpy as np
 
 from .analysis import Analysis, ChannelGroup, Tap
 from .calibrate import Statistics
+from .group_cost import GroupCosts
 from .ops import handler_for
 from .rewrite import GroupPlan
 from .select import (
+    GreedyPath,
     TapProblem,
     default_ridge,
     greedy_select,
@@ -26,6 +29,14 @@ from .select import (
     loss_weight,
     reconstruction,
     uniform_width,
+)
+from .widths import (
+    Allocation,
+    allocate_dof,
+    allocate_greedy,
+    allocate_uniform,
+    degrees_of_freedom,
+    normalized_spectrum,
 )
 
 Selection = Literal["spectral", "l1"]
@@ -41,11 +52,23 @@ class PlanOptions:
     round_to: int = 1
     selection: Selection = "spectral"
     reconstruct: bool = True
+    flops: float | None = None
+    """Fraction of the whole model's MACs to keep (replaces `ratio` when given)."""
+    params: float | None = None
+    """Fraction of the whole model's parameters to keep (replaces `ratio` when given)."""
+    allocation: Allocation = "uniform"
+    """How a `flops`/`params` budget is split into group widths."""
+    min_keep: int = 1
+
+    @property
+    def budgeted(self) -> bool:
+        return self.flops is not None or self.params is not None
 
     @property
     def needs_statistics(self) -> bool:
         """False only for the baseline that drops L1-chosen channels without reconstruction."""
-        return self.selection == "spectral" or self.reconstruct
+        return (self.selection == "spectral" or self.reconstruct
+                or (self.budgeted and self.allocation != "uniform"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +80,14 @@ class PlannedGroup:
 
     plan: GroupPlan
     loss_curve: np.ndarray | None
+    spectrum: np.ndarray | None = None
+    """[m] eigenvalues of Sigma / trace(Sigma) (mean over the taps), descending."""
+    rho: float = 1e-3
+
+    @property
+    def dof(self) -> float | None:
+        """Degrees of freedom N(lambda) of the spectrum at the ridge's relative lambda."""
+        return None if self.spectrum is None else degrees_of_freedom(self.spectrum, self.rho)
 
 
 def _problem(analysis: Analysis, tap: Tap, statistics: Statistics,
@@ -92,32 +123,106 @@ def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
     return selector
 
 
+def group_spectrum(analysis: Analysis, group: ChannelGroup,
+                   statistics: Statistics) -> np.ndarray:
+    """[m] normalized eigenvalues of the group's Sigma, averaged over its taps."""
+    spectra = [normalized_spectrum(statistics[tap.tensor].sigma) for tap in group.taps]
+    return np.mean(spectra, axis=0)
+
+
+def group_problems(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
+                   options: PlanOptions) -> list[TapProblem]:
+    """The selection problem of each tap of `group`."""
+    return [_problem(analysis, tap, statistics, options) for tap in group.taps]
+
+
+def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOptions,
+                    costs: GroupCosts | None) -> tuple[np.ndarray, dict[int, GreedyPath]]:
+    """Widths ([G], over `analysis.prunable`) and the greedy paths computed on the way.
+
+    Without a budget every group keeps `ratio` of its channels; with `flops`/`params` the
+    allocation meets the budget on the cost model `costs` (required then).
+    """
+    groups = analysis.prunable
+    paths: dict[int, GreedyPath] = {}
+    if not options.budgeted:
+        return np.array([max(uniform_width(g.channels, options.ratio, options.round_to),
+                             min(options.min_keep, g.channels)) for g in groups],
+                        dtype=np.int64), paths
+    assert costs is not None
+    model = costs.macs if options.flops is not None else costs.params
+    fraction = options.flops if options.flops is not None else options.params
+    assert fraction is not None
+    budget = fraction * model.full
+    steps = (options.round_to, options.min_keep)
+    if options.allocation == "uniform":
+        return allocate_uniform(model, budget, *steps), paths
+    if options.allocation == "dof":
+        spectra = [group_spectrum(analysis, group, statistics) for group in groups]
+        return allocate_dof(model, budget, spectra, *steps), paths
+    curves = []
+    for group in groups:
+        path = greedy_select(group_problems(analysis, group, statistics, options),
+                             group.channels)
+        paths[group.id] = path
+        curves.append(path.losses / max(path.losses[0], np.finfo(np.float64).tiny))
+    return allocate_greedy(model, budget, curves, *steps), paths
+
+
 def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
-               options: PlanOptions) -> PlannedGroup:
-    """Choose the kept channels of one prunable group and its taps' reconstructions."""
-    width = uniform_width(group.channels, options.ratio, options.round_to)
+               options: PlanOptions, width: int | None = None, path: GreedyPath | None = None,
+               compensation: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+               ) -> PlannedGroup:
+    """Choose the kept channels of one prunable group and its taps' reconstructions.
+
+    `width`: channels to keep (default: `ratio` of them). `path`: a greedy path of at least
+    `width` steps already computed for this group (its prefix is the selection).
+    `compensation`: per tap tensor, `(S, C)`, both [m, m]: the second moment of the tap in the
+    partially pruned model and the cross moment E[t_original t_pruned^T]; the reconstruction
+    then maps the pruned model's kept channels to the original's activation,
+    A = C[:, J] (S[J, J] + lambda I)^-1 (SPEC section 5).
+    """
+    if width is None:
+        width = uniform_width(group.channels, options.ratio, options.round_to)
     if not options.needs_statistics:
         kept = np.sort(_l1_kept(analysis, group, width))
         dropping = _dropping(group.channels, kept)
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
                             None)
-    problems = [_problem(analysis, tap, statistics, options) for tap in group.taps]
+    problems = group_problems(analysis, group, statistics, options)
     curve = None
     if options.selection == "spectral":
-        path = greedy_select(problems, width)
-        kept = np.sort(path.order)
+        if path is None or path.order.size < width:
+            path = greedy_select(problems, width)
+        kept = np.sort(path.order[:width])
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:
         kept = np.sort(_l1_kept(analysis, group, width))
-    reconstructions = {
-        tap.tensor: reconstruction(problem.sigma, kept, problem.ridge)
-        for tap, problem in zip(group.taps, problems, strict=True)
-    }
-    return PlannedGroup(GroupPlan(group, kept, reconstructions), curve)
+    reconstructions = {}
+    for tap, problem in zip(group.taps, problems, strict=True):
+        if not options.reconstruct:
+            reconstructions[tap.tensor] = _dropping(group.channels, kept)
+        elif compensation is not None and tap.tensor in compensation:
+            second, cross = compensation[tap.tensor]
+            ridge = default_ridge(second, options.rho)
+            reconstructions[tap.tensor] = _cross_reconstruction(second, cross, kept, ridge)
+        else:
+            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
+    return PlannedGroup(GroupPlan(group, kept, reconstructions), curve,
+                        group_spectrum(analysis, group, statistics), options.rho)
 
 
-def plan_groups(analysis: Analysis, statistics: Statistics,
-                options: PlanOptions) -> tuple[PlannedGroup, ...]:
-    """Plans for every prunable group of the analysis."""
-    return tuple(plan_group(analysis, group, statistics, options)
-                 for group in analysis.prunable)
+def _cross_reconstruction(second: np.ndarray, cross: np.ndarray, kept: np.ndarray,
+                          ridge: float) -> np.ndarray:
+    """A = C[:, J] (S[J, J] + lambda I)^-1, [m, k]."""
+    gram = second[np.ix_(kept, kept)] + ridge * np.eye(kept.size)
+    return np.linalg.solve(gram, cross[:, kept].T).T
+
+
+def plan_groups(analysis: Analysis, statistics: Statistics, options: PlanOptions,
+                costs: GroupCosts | None = None) -> tuple[PlannedGroup, ...]:
+    """Plans for every prunable group of the analysis (parallel statistics)."""
+    widths, paths = allocate_widths(analysis, statistics, options, costs)
+    return tuple(plan_group(analysis, group, statistics, options, int(width),
+                            paths.get(group.id))
+                 for group, width in zip(analysis.prunable, widths, strict=True))
