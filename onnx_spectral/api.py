@@ -74,6 +74,8 @@ class CompressOptions:
     """No group keeps fewer channels (unless it has fewer)."""
     compensation: bool = False
     """Sequential compensation: reconstruct toward the original model's activations."""
+    compensation_samples: int = 500
+    """Calibration samples (the first ones) each compensation pass runs through both models."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -82,7 +84,7 @@ class CompressOptions:
             raise OptionsError(f"--theta {self.theta}: must lie in [0, 1]")
         if not self.ridge > 0.0:
             raise OptionsError(f"--ridge {self.ridge}: must be > 0")
-        for name in ("batch_size", "calib_samples", "round_to"):
+        for name in ("batch_size", "calib_samples", "round_to", "compensation_samples"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                    "must be >= 1")
@@ -160,7 +162,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
         instrumented = instrument(analysis.graph, analysis.taps)
         calibration = stream.take(n_calib, batch)
         if compensating:
-            calibration = list(calibration)  # read again by each compensation pass
+            calibration = list(calibration)  # the first batches are read again for compensation
         statistics = (calibrate(instrumented, calibration, options.provider,
                                 total_samples=n_calib, progress=options.progress)
                       if analysis.taps and plan_options.needs_statistics
@@ -170,7 +172,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
     costs = group_costs(analysis, cost_before) if plan_options.budgeted else None
     with clock("select"):
         if compensating:
-            batches = calibration
+            batches = _first_samples(calibration, options.compensation_samples)
             planned = compensated_plans(analysis, statistics, plan_options, lambda: batches,
                                         options.provider, costs)
         else:
@@ -255,3 +257,15 @@ def _spectrum(item: PlannedGroup | None) -> tuple[float, ...]:
     if item is None or item.spectrum is None:
         return ()
     return tuple(float(value) for value in item.spectrum)
+
+
+def _first_samples(batches: Sequence[FeedDict], count: int) -> list[FeedDict]:
+    """The first whole batches that hold at least `count` samples (a fixed batch stays whole)."""
+    taken: list[FeedDict] = []
+    left = count
+    for feeds in batches:
+        if left <= 0:
+            break
+        taken.append(feeds)
+        left -= len(next(iter(feeds.values())))
+    return taken

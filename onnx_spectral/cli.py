@@ -104,6 +104,10 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOpt
                               help="sequential compensation: reconstruct toward the original "
                                    "model's activations (one extra calibration pass per layer)")
     compensation.add_argument("--no-compensation", dest="compensation", action="store_false")
+    parser.add_argument("--compensation-samples", type=int,
+                        default=defaults.compensation_samples,
+                        help="calibration samples each compensation pass runs "
+                             "(default %(default)s)")
     parser.add_argument("--plots", type=Path, metavar="DIR",
                         help="write PNG figures (spectra, widths) here; needs matplotlib")
 
@@ -143,6 +147,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
         progress=sys.stderr.isatty(), flops=args.flops, params=args.params,
         allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
+        compensation_samples=args.compensation_samples,
     )
     model, report = compress(args.input, args.calib, options)
     _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))
