@@ -68,11 +68,11 @@ class CompressOptions:
     """Fraction of the whole model's MACs to keep; overrides `ratio`."""
     params: float | None = None
     """Fraction of the whole model's parameters to keep; overrides `ratio`."""
-    allocation: Allocation = "uniform"
+    allocation: Allocation = "greedy"
     """How a flops/params budget becomes group widths: uniform, dof or greedy."""
     min_keep: int = 1
     """No group keeps fewer channels (unless it has fewer)."""
-    compensation: bool = False
+    compensation: bool = True
     """Sequential compensation: reconstruct toward the original model's activations."""
     compensation_samples: int = 500
     """Calibration samples (the first ones) each compensation pass runs through both models."""
@@ -90,8 +90,8 @@ class CompressOptions:
                                    "must be >= 1")
         if self.verify_samples < 0:
             raise OptionsError(f"--verify-samples {self.verify_samples}: must be >= 0")
-        if self.selection not in ("spectral", "l1"):
-            raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1")
+        if self.selection not in ("spectral", "l1", "random"):
+            raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1, random")
         if self.flops is not None and self.params is not None:
             raise OptionsError("give one budget: --flops or --params, not both")
         for name in ("flops", "params"):

@@ -73,7 +73,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
                         help="round kept widths up to a multiple of this")
-    parser.add_argument("--selection", choices=("spectral", "l1"), default=defaults.selection,
+    parser.add_argument("--selection", choices=("spectral", "l1", "random"),
+                        default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")
     parser.add_argument("--no-reconstruction", action="store_true",
                         help="drop channels without folding a reconstruction (baseline)")

@@ -39,7 +39,7 @@ from .widths import (
     normalized_spectrum,
 )
 
-Selection = Literal["spectral", "l1"]
+Selection = Literal["spectral", "l1", "random"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,14 @@ def _l1_kept(analysis: Analysis, group: ChannelGroup, width: int) -> np.ndarray:
     return l1_norm_order(norms[:, None])[:width]
 
 
+def _baseline_kept(analysis: Analysis, group: ChannelGroup, width: int,
+                   selection: Selection) -> np.ndarray:
+    """L1-norm channels, or random ones (seeded by the group id) for the random baseline."""
+    if selection == "random":
+        return np.random.default_rng(group.id).choice(group.channels, width, replace=False)
+    return _l1_kept(analysis, group, width)
+
+
 def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
     """A ([m, k]) that keeps channels `kept` as they are and drops the rest: no reconstruction."""
     selector = np.zeros((channels, kept.size))
@@ -185,7 +193,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     if width is None:
         width = uniform_width(group.channels, options.ratio, options.round_to)
     if not options.needs_statistics:
-        kept = np.sort(_l1_kept(analysis, group, width))
+        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
         dropping = _dropping(group.channels, kept)
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
                             None)
@@ -197,7 +205,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         kept = np.sort(path.order[:width])
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:
-        kept = np.sort(_l1_kept(analysis, group, width))
+        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
     reconstructions = {}
     for tap, problem in zip(group.taps, problems, strict=True):
         if not options.reconstruct:
