@@ -70,14 +70,18 @@ def upstream_groups(analysis: Analysis) -> dict[int, frozenset[int]]:
 
 
 def schedule(analysis: Analysis) -> list[list[ChannelGroup]]:
-    """Passes: each a list of groups whose upstream groups all lie in earlier passes."""
+    """Passes: each a list of groups whose upstream groups all lie in earlier passes.
+
+    Groups that depend on each other both ways (a residual stream and a branch that reads and
+    feeds it) are broken in graph order: the earliest remaining group goes alone, compensated
+    against the groups pruned so far.
+    """
     upstream = upstream_groups(analysis)
     remaining = list(analysis.prunable)
     done: set[int] = set()
     passes = []
     while remaining:
-        ready = [group for group in remaining if upstream[group.id] <= done]
-        assert ready, "the graph is a DAG: some group has all its upstream groups pruned"
+        ready = [group for group in remaining if upstream[group.id] <= done] or remaining[:1]
         passes.append(ready)
         done.update(group.id for group in ready)
         remaining = [group for group in remaining if group.id not in done]

@@ -74,3 +74,12 @@ def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> No
     print(f"relative output error: parallel {parallel:.4f}, sequential {sequential:.4f}")
     assert sequential < parallel
     assert error(ratio=1.0, compensation=True, ridge=1e-9) < 1e-4
+
+
+def test_residual_stream_and_branch_are_scheduled_in_graph_order() -> None:
+    from tests.graphs import residual_block
+
+    analysis = analyze(residual_block(channels=6))
+    passes = schedule(analysis)
+    assert sum(len(step) for step in passes) == len(analysis.prunable) == 2
+    assert passes[0][0].producers[0] == "conv0"
