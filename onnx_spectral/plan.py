@@ -23,6 +23,7 @@ from .rewrite import GroupPlan
 from .select import (
     GreedyPath,
     TapProblem,
+    cross_greedy_select,
     default_ridge,
     greedy_select,
     l1_norm_order,
@@ -59,6 +60,8 @@ class PlanOptions:
     allocation: Allocation = "uniform"
     """How a `flops`/`params` budget is split into group widths."""
     min_keep: int = 1
+    cross_selection: bool = True
+    """Under compensation, choose the kept channels toward the original's activation too."""
 
     @property
     def budgeted(self) -> bool:
@@ -199,7 +202,15 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
                             None)
     problems = group_problems(analysis, group, statistics, options)
     curve = None
-    if options.selection == "spectral":
+    if options.selection == "spectral" and compensation is not None and \
+            options.cross_selection:
+        kept = np.sort(cross_greedy_select(
+            [(*compensation[tap.tensor], problem.weight,
+              default_ridge(compensation[tap.tensor][0], options.rho))
+             for tap, problem in zip(group.taps, problems, strict=True)], width))
+        if path is not None:
+            curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
+    elif options.selection == "spectral":
         if path is None or path.order.size < width:
             path = greedy_select(problems, width)
         kept = np.sort(path.order[:width])
