@@ -74,7 +74,7 @@ class CompressOptions:
     """No group keeps fewer channels (unless it has fewer)."""
     compensation: bool = True
     """Sequential compensation: reconstruct toward the original model's activations."""
-    compensation_samples: int = 500
+    compensation_samples: int = 1000
     """Calibration samples (the first ones) each compensation pass runs through both models."""
 
     def __post_init__(self) -> None:

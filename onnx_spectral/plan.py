@@ -60,7 +60,7 @@ class PlanOptions:
     allocation: Allocation = "uniform"
     """How a `flops`/`params` budget is split into group widths."""
     min_keep: int = 1
-    cross_selection: bool = True
+    cross_selection: bool = False
     """Under compensation, choose the kept channels toward the original's activation too."""
 
     @property

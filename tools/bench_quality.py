@@ -1,6 +1,6 @@
 """Quality of onnx-spectral against baselines on real models at whole-model MAC budgets.
 
-    python tools/bench_quality.py [--models mnist crepe-tiny crepe-full]
+    python -m tools.bench_quality [--models mnist crepe-tiny crepe-full]
         [--budgets 0.75 0.5 0.35 0.25] [--methods NAME ...] [--plot bench_quality.png]
 
 No fine-tuning; every method gets the same calibration data, the same test data and the same
@@ -52,9 +52,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "spectral, uniform + compensation": {"compensation": True},
     "spectral, dof + compensation": {"allocation": "dof", "compensation": True},
     "spectral, greedy + compensation": {"allocation": "greedy", "compensation": True},
+    "spectral, greedy + compensation + cross selection": {
+        "allocation": "greedy", "compensation": True, "cross_selection": True},
     "defaults": {"theta": DEFAULTS.theta, "rho": DEFAULTS.ridge,
                  "allocation": DEFAULTS.allocation, "compensation": DEFAULTS.compensation},
 }
+TORCH_PRUNING = ("Torch-Pruning magnitude (its model)", "Torch-Pruning channels, exact surgery")
 ACCEPTANCE = {"mnist": 0.07, "crepe-tiny": 0.35, "crepe-full": 0.25}
 
 
@@ -160,6 +163,9 @@ def bench(name: str, budgets: list[float], methods: list[str],
     print("|---|" + "---|" * len(budgets))
     curves = results.setdefault(name, {})
     for method in methods:
+        if method == "torch-pruning":
+            _bench_torch_pruning(name, task, stages, budgets, curves)
+            continue
         cells = []
         for budget in budgets:
             start = time.perf_counter()
@@ -169,6 +175,23 @@ def bench(name: str, budgets: list[float], methods: list[str],
             curves.setdefault(method, []).append((kept, value))
             cells.append(f"{text} ({100 * kept:.1f}%, {seconds:.0f} s)")
         print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _bench_torch_pruning(name: str, task: Task, stages: Stages, budgets: list[float],
+                         curves: dict[str, list[tuple[float, float]]]) -> None:
+    from tools.torch_pruning_baseline import torch_pruning_models
+
+    rows: tuple[list[str], list[str]] = ([], [])
+    for budget in budgets:
+        start = time.perf_counter()
+        path, surgery, kept = torch_pruning_models(name, stages.analysis, stages.costs, budget)
+        seconds = time.perf_counter() - start
+        for row, label, model in zip(rows, TORCH_PRUNING, (path, surgery), strict=True):
+            value, text = task.score(model)
+            curves.setdefault(label, []).append((kept, value))
+            row.append(f"{text} ({100 * kept:.1f}%, {seconds:.0f} s)")
+    for label, row in zip(TORCH_PRUNING, rows, strict=True):
+        print(f"| {label} | " + " | ".join(row) + " |", flush=True)
 
 
 def plot(results: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
@@ -194,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "torch-pruning"],
+                        default=[*METHODS, "torch-pruning"])
     parser.add_argument("--plot", type=Path, help="write the metric-vs-MACs figure here")
     args = parser.parse_args()
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
