@@ -74,6 +74,8 @@ class CompressOptions:
     """No group keeps fewer channels (unless it has fewer)."""
     compensation: bool = True
     """Sequential compensation: reconstruct toward the original model's activations."""
+    affine: bool = False
+    """Affine reconstruction: offset folded into the sinks' biases (taps not compensated)."""
     compensation_samples: int = 1000
     """Calibration samples (the first ones) each compensation pass runs through both models."""
 
@@ -108,7 +110,8 @@ class CompressOptions:
         return PlanOptions(ratio=self.ratio, theta=self.theta, rho=self.ridge,
                            round_to=self.round_to, selection=self.selection,
                            reconstruct=self.reconstruct, flops=self.flops, params=self.params,
-                           allocation=self.allocation, min_keep=self.min_keep)
+                           allocation=self.allocation, min_keep=self.min_keep,
+                           affine=self.affine)
 
     def summary(self) -> dict[str, Any]:
         """The options as plain values, for the report."""

@@ -109,6 +109,9 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOpt
                         default=defaults.compensation_samples,
                         help="calibration samples each compensation pass runs "
                              "(default %(default)s)")
+    parser.add_argument("--affine", action="store_true",
+                        help="affine reconstruction: fold a per-channel offset into the sinks' "
+                             "biases (layers not reconstructed by --compensation)")
     parser.add_argument("--plots", type=Path, metavar="DIR",
                         help="write PNG figures (spectra, widths) here; needs matplotlib")
 
@@ -148,7 +151,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
         progress=sys.stderr.isatty(), flops=args.flops, params=args.params,
         allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
-        compensation_samples=args.compensation_samples,
+        compensation_samples=args.compensation_samples, affine=args.affine,
     )
     model, report = compress(args.input, args.calib, options)
     _write_atomically(args.output, lambda path: onnx.save_model(model, str(path)))

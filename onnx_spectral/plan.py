@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from .affine import affine_reconstruction, supports_offset
 from .analysis import Analysis, ChannelGroup, Tap
 from .calibrate import Statistics
 from .group_cost import GroupCosts
@@ -60,6 +61,9 @@ class PlanOptions:
     allocation: Allocation = "uniform"
     """How a `flops`/`params` budget is split into group widths."""
     min_keep: int = 1
+    affine: bool = False
+    """Affine reconstruction (centered statistics, offset folded into sink biases) where the
+    sinks allow it; taps reconstructed by sequential compensation stay linear."""
     cross_selection: bool = False
     """Under compensation, choose the kept channels toward the original's activation too."""
 
@@ -218,6 +222,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     else:
         kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
     reconstructions = {}
+    offsets = {}
     for tap, problem in zip(group.taps, problems, strict=True):
         if not options.reconstruct:
             reconstructions[tap.tensor] = _dropping(group.channels, kept)
@@ -225,9 +230,12 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
             second, cross = compensation[tap.tensor]
             ridge = default_ridge(second, options.rho)
             reconstructions[tap.tensor] = _cross_reconstruction(second, cross, kept, ridge)
+        elif options.affine and supports_offset(analysis.graph, tap):
+            reconstructions[tap.tensor], offsets[tap.tensor] = affine_reconstruction(
+                problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge)
         else:
             reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
-    return PlannedGroup(GroupPlan(group, kept, reconstructions), curve,
+    return PlannedGroup(GroupPlan(group, kept, reconstructions, offsets or None), curve,
                         group_spectrum(analysis, group, statistics), options.rho)
 
 
