@@ -59,7 +59,7 @@ def fold_offset(node: onnx.NodeProto, sink: SinkUse, offset: np.ndarray, editor:
     assert weight is not None and bias is not None
     wide = weight.astype(np.float64)
     if node.op_type == "Conv":
-        delta = np.einsum("of...,f->o", wide, offset)
+        delta = np.tensordot(wide, offset, axes=([1], [0])).reshape(wide.shape[0], -1).sum(1)
     else:
         rows = wide if attributes(node).get("transB", 0) else wide.T
         if sink.feature_map is None:
