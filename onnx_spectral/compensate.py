@@ -143,15 +143,17 @@ def _needed(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onn
     return [node for index, node in enumerate(nodes) if index in wanted]
 
 
-def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap]
-                 ) -> tuple[onnx.ModelProto, tuple[_CrossOutputs, ...]]:
+def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap],
+                 cached: bool = False) -> tuple[onnx.ModelProto, tuple[_CrossOutputs, ...]]:
     """One model running the original and `pruned` side by side, returning cross statistics.
 
-    `pruned` must keep the original's tensor names and graph inputs (as `rewrite` does).
+    `pruned` must keep the original's tensor names and graph inputs (as `rewrite` does). With
+    `cached`, the original is not run: its tap tensors become extra graph inputs (fed from
+    `original_activations`).
     """
     original = analysis.graph.model
     nodes, initializers = _renamed_copy(pruned)
-    all_nodes = list(original.graph.node) + nodes
+    all_nodes = ([] if cached else list(original.graph.node)) + nodes
     extra: list[onnx.TensorProto] = []
     outputs = []
     value_infos = []
@@ -180,8 +182,12 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
     kept = _needed(all_nodes, [name for out in outputs
                                for name in (out.cross, out.second, out.shape)])
     used = {name for node in kept for name in node.input}
+    inputs = list(original.graph.input)
+    if cached:
+        inputs += [helper.make_tensor_value_info(tap.tensor, TensorProto.FLOAT, None)
+                   for tap in taps]
     graph = helper.make_graph(
-        kept, "onnx_spectral_compensation", list(original.graph.input), value_infos,
+        kept, "onnx_spectral_compensation", inputs, value_infos,
         [init for init in (*original.graph.initializer, *initializers, *extra)
          if init.name in used])
     model = helper.make_model(graph, opset_imports=list(original.opset_import))
@@ -212,24 +218,63 @@ def cross_statistics(model: onnx.ModelProto, outputs: Sequence[_CrossOutputs],
             for tensor, (second, cross) in sums.items()}
 
 
+def original_activations(analysis: Analysis, taps: Sequence[Tap],
+                         batches: Sequence[FeedDict], provider: Provider,
+                         limit_bytes: int) -> list[FeedDict] | None:
+    """Per batch, the original model's tap tensors as float32 (None when over `limit_bytes`)."""
+    names = [tap.tensor for tap in taps]
+    model = onnx.ModelProto()
+    model.CopyFrom(analysis.graph.model)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(name, _elem_type(analysis, name),
+                                                             None) for name in names])
+    session = open_session(model, provider)
+    cached: list[FeedDict] = []
+    total = 0
+    for feeds in batches:
+        values = [np.asarray(value, dtype=np.float32) for value in session.run(names, feeds)]
+        total += sum(value.nbytes for value in values)
+        if total > limit_bytes:
+            return None
+        cached.append({**feeds, **dict(zip(names, values, strict=True))})
+    return cached
+
+
+def _elem_type(analysis: Analysis, tensor: str) -> int:
+    for value in (*analysis.graph.model.graph.value_info, *analysis.graph.model.graph.input):
+        if value.name == tensor:
+            return int(value.type.tensor_type.elem_type)
+    return TensorProto.FLOAT
+
+
 def compensated_plans(analysis: Analysis, statistics: Statistics, options: PlanOptions,
                       batches: Callable[[], Iterable[FeedDict]], provider: Provider,
-                      costs: GroupCosts | None = None) -> tuple[PlannedGroup, ...]:
+                      costs: GroupCosts | None = None, cache_bytes: int = 1 << 30
+                      ) -> tuple[PlannedGroup, ...]:
     """Plans with sequential compensation; widths and kept channels as `plan_groups` chooses.
 
-    `batches()` yields the calibration batches again for each pass after the first.
+    `batches()` yields the calibration batches again for each pass after the first. The
+    original model's tap activations are computed once and kept in memory when they fit in
+    `cache_bytes`; each pass then runs only the pruned model up to its taps. Otherwise every
+    pass runs both models.
     """
     widths, paths = allocate_widths(analysis, statistics, options, costs)
     width_of = {group.id: int(width) for group, width in zip(analysis.prunable, widths,
                                                               strict=True)}
+    passes = schedule(analysis)
+    later = [tap for groups in passes[1:] for group in groups for tap in group.taps]
+    cache = (original_activations(analysis, later, list(batches()), provider, cache_bytes)
+             if later and options.reconstruct else None)
     planned: dict[int, PlannedGroup] = {}
-    for number, groups in enumerate(schedule(analysis)):
+    for number, groups in enumerate(passes):
         compensation = None
         if number > 0 and options.reconstruct:
             pruned = rewrite(analysis, [item.plan for item in planned.values()])
             model, outputs = merged_model(analysis, pruned,
-                                          [tap for group in groups for tap in group.taps])
-            compensation = cross_statistics(model, outputs, batches(), provider)
+                                          [tap for group in groups for tap in group.taps],
+                                          cached=cache is not None)
+            compensation = cross_statistics(model, outputs,
+                                            batches() if cache is None else cache, provider)
         for group in groups:
             planned[group.id] = plan_group(analysis, group, statistics, options,
                                            width_of[group.id], paths.get(group.id),

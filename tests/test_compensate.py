@@ -8,7 +8,12 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
-from onnx_spectral.compensate import cross_statistics, merged_model, schedule
+from onnx_spectral.compensate import (
+    cross_statistics,
+    merged_model,
+    original_activations,
+    schedule,
+)
 from onnx_spectral.rewrite import GroupPlan, rewrite
 from onnx_spectral.runtime import open_session
 from tests.graphs import GraphBuilder
@@ -54,6 +59,16 @@ def test_cross_statistics_match_the_two_models_run_apart() -> None:
                                atol=1e-5)
     np.testing.assert_allclose(cross, rows_o.T @ rows_p / len(rows_p), rtol=1e-4, atol=1e-5)
     assert not np.allclose(cross, rows_o.T @ rows_o / len(rows_o), atol=1e-3)
+    # the same from the original's activations computed once and fed in
+    cache = original_activations(analysis, second.taps, [{"x": x}], "cpu", 1 << 20)
+    assert cache is not None
+    cached_model, cached_outputs = merged_model(analysis, pruned, second.taps, cached=True)
+    assert all(not node.name.startswith("conv1") for node in cached_model.graph.node)
+    cached_second, cached_cross = cross_statistics(cached_model, cached_outputs, cache,
+                                                   "cpu")[tap]
+    np.testing.assert_allclose(cached_cross, cross, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached_second, second_moment, rtol=1e-5, atol=1e-6)
+    assert original_activations(analysis, second.taps, [{"x": x}], "cpu", 100) is None
 
 
 def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> None:
