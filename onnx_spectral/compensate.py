@@ -203,8 +203,10 @@ def cross_statistics(model: onnx.ModelProto, outputs: Sequence[_CrossOutputs],
     names = [name for out in outputs for name in (out.cross, out.second, out.shape)]
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
+    wanted = {value.name for value in session.get_inputs()}
     for feeds in batches:
-        results = session.run(names, feeds)
+        results = session.run(names, {key: value for key, value in feeds.items()
+                                      if key in wanted})
         for index, out in enumerate(outputs):
             cross, second, shape = results[3 * index: 3 * index + 3]
             entry = sums.setdefault(out.tensor, [0.0 * np.asarray(second, np.float64),

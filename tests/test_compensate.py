@@ -98,3 +98,18 @@ def test_residual_stream_and_branch_are_scheduled_in_graph_order() -> None:
     passes = schedule(analysis)
     assert sum(len(step) for step in passes) == len(analysis.prunable) == 2
     assert passes[0][0].producers[0] == "conv0"
+
+
+def test_three_layer_chain_with_cached_activations_runs_every_pass() -> None:
+    b = GraphBuilder(4)
+    t = b.node("Relu", [b.conv("x", "conv1", 3, 6)], "relu1")
+    t = b.node("Relu", [b.conv(t, "conv2", 6, 6)], "relu2")
+    t = b.node("Relu", [b.conv(t, "conv3", 6, 6)], "relu3")
+    b.conv(t, "conv4", 6, 4)
+    model = b.model([("x", ["N", 3, 8, 8])], [("conv4", ["N", 4, 8, 8])])
+    data = {"x": np.random.default_rng(5).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    compressed, report = compress(model, data, flops=0.5, provider="cpu", calib_samples=64,
+                                  verify_samples=0)
+    assert report.cost_after.macs <= 0.5 * report.cost_before.macs
+    assert len(schedule(analyze(model))) == 3
+    onnx.checker.check_model(compressed)

@@ -140,3 +140,51 @@ def test_group_cost_model_equals_cost_of_rewritten_model(make: object) -> None:
         after = model_cost(rewrite(analysis, plans))
         assert costs.macs(widths) == after.macs
         assert costs.params(widths) == after.params
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "dof", "greedy"])
+def test_cli_meets_a_flops_budget_and_reports_it(tmp_path: object, allocation: str) -> None:
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from onnx_spectral.cli import main
+
+    folder = Path(str(tmp_path))
+    model = graphs.residual_block(channels=6)
+    onnx.save(model, folder / "in.onnx")
+    code = main([str(folder / "in.onnx"), str(folder / "out.onnx"), "--calib", "random",
+                 "--calib-samples", "64", "--verify-samples", "8", "--flops", "0.5",
+                 "--allocation", allocation, "--report", str(folder / "report.json")])
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["macs"]["after"] <= 0.5 * report["macs"]["before"]
+    assert report["macs"]["after"] >= 0.3 * report["macs"]["before"]
+    assert all(len(g["spectrum"]) == g["channels"] for g in report["groups"] if not g["frozen"])
+
+
+def test_cli_writes_plots(tmp_path: object) -> None:
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    import onnx
+
+    from onnx_spectral.cli import main
+
+    folder = Path(str(tmp_path))
+    onnx.save(graphs.conv_sandwich(graphs.unary("Relu")), folder / "in.onnx")
+    assert main([str(folder / "in.onnx"), str(folder / "out.onnx"), "--calib", "random",
+                 "--calib-samples", "32", "--flops", "0.6", "--plots",
+                 str(folder / "plots")]) == 0
+    assert (folder / "plots" / "spectra.png").stat().st_size > 1000
+    assert (folder / "plots" / "widths.png").stat().st_size > 1000
+
+
+def test_both_budgets_are_refused() -> None:
+    from onnx_spectral import CompressOptions
+
+    with pytest.raises(OptionsError, match="--flops or --params"):
+        CompressOptions(flops=0.5, params=0.5)
+    with pytest.raises(OptionsError, match="allocation"):
+        CompressOptions(allocation="best")  # type: ignore[arg-type]
