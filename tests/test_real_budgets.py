@@ -2,8 +2,9 @@
 
 The defaults (greedy widths, sequential compensation, theta 0.5, rho 1e-3) at the acceptance
 budgets, no fine-tuning. The issue's targets are MNIST >= 98.5% at --flops 0.07, CREPE tiny RPA
->= 90% at 0.35 and CREPE full RPA >= 97% at 0.25; the floors asserted here are what the code
-measurably reaches today (see the README's budget section for the numbers and the gap).
+>= 90% at 0.35 and CREPE full RPA >= 97% at 0.25. CREPE full meets its target (asserted); MNIST
+(measured 98.00%) and CREPE tiny (87.25%) do not yet: their floors are what the code measurably
+reaches today, a little below the measurement (see the README's budget section).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def test_crepe_full_at_a_quarter_of_the_macs() -> None:
     print(f"CREPE full --flops 0.25: {metrics}, MACs kept {_macs_kept(report):.4f}, "
           f"stage seconds {dict(report.seconds)}")
     assert 0.2475 <= _macs_kept(report) <= 0.25
-    assert metrics.raw_pitch_accuracy >= 0.95
+    assert metrics.raw_pitch_accuracy >= 0.97
 
 
 def test_crepe_full_half_the_macs_lands_within_one_percent() -> None:
