@@ -78,6 +78,11 @@ class Analysis:
         return tuple(group for group in self.groups if group.prunable)
 
     @property
+    def base_groups(self) -> tuple[ChannelGroup, ...]:
+        """The prunable groups that choose their own channels (not Concat/Split-derived)."""
+        return tuple(group for group in self.prunable if not group.parts)
+
+    @property
     def taps(self) -> tuple[Tap, ...]:
         """The taps of every prunable group, each tensor once."""
         return tuple(tap for group in self.prunable for tap in group.taps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import onnx
 
 from .analysis import Analysis, Tap, analyze
 from .calibrate import Statistics, calibrate
+from .compensate import compensated_plans
 from .cost import model_cost
 from .data import (
     DataSource,
@@ -32,6 +33,7 @@ from .data import (
 )
 from .errors import OptionsError, UnsupportedGraphError
 from .graph import load_model
+from .group_cost import group_costs
 from .instrument import Instrumented, instrument
 from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
 from .report import GroupReport, Report
@@ -40,6 +42,7 @@ from .runtime import Provider
 from .stats_io import SavedStatistics, Shard, TapKey, load_statistics, model_fingerprint
 from .tap_cost import gram_strides
 from .verify import Verification, compare_models, reconstruction_error
+from .widths import ALLOCATIONS, Allocation
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class CompressOptions:
     """Producer nodes whose groups stay whole."""
     seed: int = 0
     round_to: int = 0
-    """Round kept widths up to a multiple of this; 0 (default) = `plan.AUTO_ROUND_TO` for
-    groups of at least `plan.AUTO_ROUND_MIN` channels, else 1 (tools/bench_speed.py: ONNX
+    """Round kept widths up to a multiple of this; 0 (default) = `widths.AUTO_ROUND_TO` for
+    groups of at least `widths.AUTO_ROUND_MIN` channels, else 1 (tools/bench_speed.py: ONNX
     Runtime's CPU convolutions run 2x faster on widths that are multiples of 8)."""
     selection: Selection = "spectral"
     reconstruct: bool = True
@@ -72,6 +75,20 @@ class CompressOptions:
     gram_budget: float = 0.25
     """The taps' Gram matrices may cost at most this share of the model's MACs; the taps
     dearest against their sinks subsample positions to meet it (`tap_cost`); 0: all positions."""
+    flops: float | None = None
+    """Fraction of the whole model's MACs to keep; overrides `ratio`."""
+    params: float | None = None
+    """Fraction of the whole model's parameters to keep; overrides `ratio`."""
+    allocation: Allocation = "greedy"
+    """How a flops/params budget becomes group widths: uniform, dof or greedy."""
+    min_keep: int = 1
+    """No group keeps fewer channels (unless it has fewer)."""
+    compensation: bool = True
+    """Sequential compensation: reconstruct toward the original model's activations."""
+    affine: bool = False
+    """Affine reconstruction: offset folded into the sinks' biases (taps not compensated)."""
+    compensation_samples: int = 1000
+    """Calibration samples (the first ones) each compensation pass runs through both models."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -82,19 +99,32 @@ class CompressOptions:
             raise OptionsError(f"--ridge {self.ridge}: must be > 0")
         if self.round_to < 0:
             raise OptionsError(f"--round-to {self.round_to}: must be >= 0 (0: automatic)")
-        for name in ("batch_size", "calib_samples"):
+        for name in ("batch_size", "calib_samples", "compensation_samples"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                    "must be >= 1")
         if self.verify_samples < 0:
             raise OptionsError(f"--verify-samples {self.verify_samples}: must be >= 0")
-        if self.selection not in ("spectral", "l1"):
-            raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1")
+        if self.selection not in ("spectral", "l1", "random"):
+            raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1, random")
+        if self.flops is not None and self.params is not None:
+            raise OptionsError("give one budget: --flops or --params, not both")
+        for name in ("flops", "params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise OptionsError(f"--{name} {value}: must lie in (0, 1]")
+        if self.allocation not in ALLOCATIONS:
+            raise OptionsError(f"allocation '{self.allocation}': accepted: "
+                               f"{', '.join(ALLOCATIONS)}")
+        if self.min_keep < 1:
+            raise OptionsError(f"--min-keep {self.min_keep}: must be >= 1")
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(ratio=self.ratio, theta=self.theta, rho=self.ridge,
                            round_to=self.round_to, selection=self.selection,
-                           reconstruct=self.reconstruct)
+                           reconstruct=self.reconstruct, flops=self.flops, params=self.params,
+                           allocation=self.allocation, min_keep=self.min_keep,
+                           affine=self.affine)
 
     def summary(self) -> dict[str, Any]:
         """The options as plain values, for the report."""
@@ -153,9 +183,18 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
                                         seed=options.seed))
     notes = [str(warning.message) for warning in caught]
     batch = fixed_batch_size(specs) or options.batch_size
+    plan_options = options.plan_options()
+    compensating = (options.compensation and plan_options.needs_statistics
+                    and options.reconstruct and bool(analysis.taps))
+    if compensating and (saved is not None or analysis.base_groups != analysis.prunable):
+        compensating = False
+        notes.append("sequential compensation was skipped: it needs calibration batches (not "
+                     "saved statistics) and does not yet handle Concat/Split groups; the "
+                     "reconstructions use parallel statistics")
     with clock("calibrate"):
         instrumented = instrument(analysis.graph, analysis.taps,
                                   gram_strides(analysis.graph, analysis.taps, options.gram_budget))
+        first_batches: list[FeedDict] = []
         if saved is not None:
             gathered = saved.statistics
             held_out = ([] if stream is None
@@ -165,15 +204,24 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
             assert stream is not None
             n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
                                              options.verify_samples)
-            gathered = (calibrate(instrumented, stream.take(n_calib, batch), options.provider,
+            calibration = stream.take(n_calib, batch)
+            if compensating:  # the first batches are read again by every compensation pass
+                calibration = _teed(calibration, options.compensation_samples, first_batches)
+            gathered = (calibrate(instrumented, calibration, options.provider,
                                   total_samples=n_calib, progress=options.progress)
-                        if analysis.taps and options.plan_options().needs_statistics
+                        if analysis.taps and plan_options.needs_statistics
                         else Statistics({}, 0))
             held_out = list(stream.take(n_verify, batch))
     notes.extend(gathered.notes)
     notes.extend(_rank_notes(gathered, analysis))
+    cost_before = model_cost(analysis.graph.model)
+    costs = group_costs(analysis, cost_before) if plan_options.budgeted else None
     with clock("select"):
-        planned = plan_groups(analysis, gathered, options.plan_options())
+        if compensating:
+            planned = compensated_plans(analysis, gathered, plan_options, lambda: first_batches,
+                                        options.provider, costs)
+        else:
+            planned = plan_groups(analysis, gathered, plan_options, costs)
     with clock("rewrite"):
         compressed = rewrite(analysis, [item.plan for item in planned])
         _stamp(compressed, original, options)
@@ -187,7 +235,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         notes.append("no channel group is prunable: the model is unchanged (see the reasons)")
     report = Report(
         groups=_group_reports(analysis, planned, group_errors),
-        cost_before=model_cost(analysis.graph.model),
+        cost_before=cost_before,
         cost_after=model_cost(compressed),
         calibration_samples=gathered.samples,
         verification=verification,
@@ -309,6 +357,7 @@ def _verify(original: onnx.ModelProto, compressed: onnx.ModelProto,
 def _group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
                    errors: dict[int, float]) -> tuple[GroupReport, ...]:
     kept = {item.plan.group.id: int(item.plan.kept.size) for item in planned}
+    by_id = {item.plan.group.id: item for item in planned}
     return tuple(
         GroupReport(
             id=group.id,
@@ -317,6 +366,28 @@ def _group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
             kept=kept.get(group.id, group.channels),
             heldout_error=errors.get(group.id),
             frozen=group.frozen,
+            spectrum=_spectrum(by_id.get(group.id)),
+            dof=None if group.id not in by_id else by_id[group.id].dof,
         )
         for group in analysis.groups
     )
+
+
+def _spectrum(item: PlannedGroup | None) -> tuple[float, ...]:
+    if item is None or item.spectrum is None:
+        return ()
+    return tuple(float(value) for value in item.spectrum)
+
+
+def _teed(batches: Iterable[FeedDict], count: int, kept: list[FeedDict]
+          ) -> Iterator[FeedDict]:
+    """Yield `batches`, appending to `kept` the first whole batches that hold at least `count`
+    samples (a fixed batch stays whole); the rest are not kept."""
+    left = count
+    for feeds in batches:
+        if left > 0:
+            kept.append(feeds)
+            left -= len(next(iter(feeds.values())))
+        yield feeds
+
+

@@ -37,8 +37,10 @@ from .errors import (
     UnsupportedGraphError,
 )
 from .graph import load_model
+from .plots import write_plots
 from .report import analysis_dict, format_analysis, format_seconds
 from .stats_io import Shard, load_statistics, merge_statistics, save_statistics
+from .widths import ALLOCATIONS
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -97,7 +99,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
                         help="round kept widths up to a multiple of this; 0 (default): 8 for "
                              "groups of 64 channels or more, else 1")
-    parser.add_argument("--selection", choices=("spectral", "l1"), default=defaults.selection,
+    parser.add_argument("--selection", choices=("spectral", "l1", "random"),
+                        default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")
     parser.add_argument("--no-reconstruction", action="store_true",
                         help="drop channels without folding a reconstruction (baseline)")
@@ -112,7 +115,38 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="write the model even when no channel group can be pruned "
                              "(default: exit 6 and write nothing)")
     _add_gram_budget(parser, defaults)
+    _add_budget_arguments(parser, defaults)
     return parser
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--flops", type=float, default=defaults.flops, metavar="R",
+                        help="fraction of the whole model's MACs to keep (overrides --ratio)")
+    budget.add_argument("--params", type=float, default=defaults.params, metavar="R",
+                        help="fraction of the whole model's parameters to keep "
+                             "(overrides --ratio)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                        help="per-group widths under --flops/--params: uniform, dof (degrees of "
+                             "freedom of the spectrum) or greedy (loss curve per unit of cost) "
+                             "(default %(default)s)")
+    parser.add_argument("--min-keep", type=int, default=defaults.min_keep,
+                        help="no group keeps fewer channels (default %(default)s)")
+    compensation = parser.add_mutually_exclusive_group()
+    compensation.add_argument("--compensation", dest="compensation", action="store_true",
+                              default=defaults.compensation,
+                              help="sequential compensation: reconstruct toward the original "
+                                   "model's activations (one extra calibration pass per layer)")
+    compensation.add_argument("--no-compensation", dest="compensation", action="store_false")
+    parser.add_argument("--compensation-samples", type=int,
+                        default=defaults.compensation_samples,
+                        help="calibration samples each compensation pass runs "
+                             "(default %(default)s)")
+    parser.add_argument("--affine", action="store_true",
+                        help="affine reconstruction: fold a per-channel offset into the sinks' "
+                             "biases (layers not reconstructed by --compensation)")
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="write PNG figures (spectra, widths) here; needs matplotlib")
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
@@ -134,7 +168,9 @@ def _run_compress(argv: Sequence[str]) -> int:
         round_to=args.round_to, selection=args.selection,
         reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
         progress=sys.stderr.isatty(), require_prunable=not args.allow_unchanged,
-        gram_budget=args.gram_budget,
+        gram_budget=args.gram_budget, flops=args.flops, params=args.params,
+        allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
+        compensation_samples=args.compensation_samples, affine=args.affine,
     )
     if args.calib is None and args.stats is None:
         raise OptionsError("give --calib DATA, or --stats STATS.npz written by `onnx-spectral "
@@ -149,6 +185,9 @@ def _run_compress(argv: Sequence[str]) -> int:
     print(report.format())
     print(format_seconds(report.seconds))
     print("wrote " + ", ".join(str(path) for path in written))
+    if args.plots is not None:
+        for path in write_plots(report, args.plots):
+            print(f"wrote {path}")
     return 0
 
 

@@ -9,18 +9,22 @@ reconstruction (or plain channel dropping for the baseline without reconstructio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from .affine import affine_reconstruction, supports_offset
 from .analysis import Analysis, ChannelGroup, Tap
 from .calibrate import Statistics
+from .group_cost import GroupCosts
 from .ops import handler_for
 from .rewrite import GroupPlan
 from .select import (
+    GreedyPath,
     TapProblem,
+    cross_greedy_select,
     default_ridge,
     greedy_select,
     l1_norm_order,
@@ -28,15 +32,17 @@ from .select import (
     reconstruction,
     uniform_width,
 )
+from .widths import (
+    Allocation,
+    allocate_dof,
+    allocate_greedy,
+    allocate_uniform,
+    degrees_of_freedom,
+    normalized_spectrum,
+    round_step,
+)
 
-Selection = Literal["spectral", "l1"]
-#: Automatic width rounding (`round_to` 0): groups of at least AUTO_ROUND_MIN channels keep a
-#: multiple of AUTO_ROUND_TO. Measured by tools/bench_speed.py (CREPE full, MACs kept 0.54,
-#: batch 1, ONNX Runtime CPU): widths rounded to 8 run 2.29x faster than the original, unrounded
-#: widths 0.97x (they miss ONNX Runtime's blocked convolution kernels); 16 and 32 gave 1.97x and
-#: 1.85x for slightly more MACs.
-AUTO_ROUND_TO = 8
-AUTO_ROUND_MIN = 64
+Selection = Literal["spectral", "l1", "random"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,28 @@ class PlanOptions:
     round_to: int = 1
     selection: Selection = "spectral"
     reconstruct: bool = True
+    flops: float | None = None
+    """Fraction of the whole model's MACs to keep (replaces `ratio` when given)."""
+    params: float | None = None
+    """Fraction of the whole model's parameters to keep (replaces `ratio` when given)."""
+    allocation: Allocation = "uniform"
+    """How a `flops`/`params` budget is split into group widths."""
+    min_keep: int = 1
+    affine: bool = False
+    """Affine reconstruction (centered statistics, offset folded into sink biases) where the
+    sinks allow it; taps reconstructed by sequential compensation stay linear."""
+    cross_selection: bool = False
+    """Under compensation, choose the kept channels toward the original's activation too."""
+
+    @property
+    def budgeted(self) -> bool:
+        return self.flops is not None or self.params is not None
 
     @property
     def needs_statistics(self) -> bool:
         """False only for the baseline that drops L1-chosen channels without reconstruction."""
-        return self.selection == "spectral" or self.reconstruct
+        return (self.selection == "spectral" or self.reconstruct
+                or (self.budgeted and self.allocation != "uniform"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +88,14 @@ class PlannedGroup:
 
     plan: GroupPlan
     loss_curve: np.ndarray | None
+    spectrum: np.ndarray | None = None
+    """[m] eigenvalues of Sigma / trace(Sigma) (mean over the taps), descending."""
+    rho: float = 1e-3
+
+    @property
+    def dof(self) -> float | None:
+        """Degrees of freedom N(lambda) of the spectrum at the ridge's relative lambda."""
+        return None if self.spectrum is None else degrees_of_freedom(self.spectrum, self.rho)
 
 
 def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: PlanOptions,
@@ -99,6 +130,14 @@ def _l1_kept(analysis: Analysis, group: ChannelGroup, width: int) -> np.ndarray:
     return l1_norm_order(norms[:, None])[:width]
 
 
+def _baseline_kept(analysis: Analysis, group: ChannelGroup, width: int,
+                   selection: Selection) -> np.ndarray:
+    """L1-norm channels, or random ones (seeded by the group id) for the random baseline."""
+    if selection == "random":
+        return np.random.default_rng(group.id).choice(group.channels, width, replace=False)
+    return _l1_kept(analysis, group, width)
+
+
 def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
     """A ([m, k]) that keeps channels `kept` as they are and drops the rest: no reconstruction."""
     selector = np.zeros((channels, kept.size))
@@ -106,44 +145,158 @@ def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
     return selector
 
 
+def group_spectrum(analysis: Analysis, group: ChannelGroup,
+                   statistics: Statistics) -> np.ndarray | None:
+    """[m] normalized eigenvalues of the group's Sigma, averaged over its taps (None when only
+    concatenations read the group: it has no tap of its own)."""
+    spectra = [normalized_spectrum(statistics[tap.tensor].sigma) for tap in group.taps]
+    return np.mean(spectra, axis=0) if spectra else None
+
+
+def group_problems(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
+                   options: PlanOptions) -> list[TapProblem]:
+    """The selection problem of each tap of `group`."""
+    return [_problem(analysis, tap, statistics, options) for tap in group.taps]
+
+
 Window = tuple[Tap, int]
 """A tap of a derived group that contains a base group, with the base group's offset in it."""
 
 
+def _window_problems(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
+                     options: PlanOptions, windows: Sequence[Window]) -> list[TapProblem]:
+    """The problems of the concatenated taps' blocks over `group`'s channels."""
+    return [_problem(analysis, tap, statistics, options, (offset, group.channels))
+            for tap, offset in windows]
+
+
+def _windows(analysis: Analysis) -> dict[int, list[Window]]:
+    """For each base group, the taps of prunable derived groups containing it."""
+    windows: dict[int, list[Window]] = {}
+    for group in analysis.prunable:
+        for part, offset, _ in group.parts:
+            if part is not None:
+                windows.setdefault(part, []).extend((tap, offset) for tap in group.taps)
+    return windows
+
+
+def _selection_spectrum(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
+                        options: PlanOptions, windows: Sequence[Window]) -> np.ndarray:
+    """[m] the group's spectrum, from its concatenated taps' blocks when it has no tap."""
+    own = group_spectrum(analysis, group, statistics)
+    if own is not None:
+        return own
+    problems = _window_problems(analysis, group, statistics, options, windows)
+    return np.mean([normalized_spectrum(problem.sigma) for problem in problems], axis=0)
+
+
+def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOptions,
+                    costs: GroupCosts | None) -> tuple[np.ndarray, dict[int, GreedyPath]]:
+    """Widths ([G], over `analysis.base_groups`) and the greedy paths computed on the way.
+
+    Without a budget every group keeps `ratio` of its channels; with `flops`/`params` the
+    allocation meets the budget on the cost model `costs` (required then).
+    """
+    groups = analysis.base_groups
+    paths: dict[int, GreedyPath] = {}
+    if not options.budgeted:
+        return np.array([max(uniform_width(g.channels, options.ratio,
+                                           round_step(g.channels, options.round_to)),
+                             min(options.min_keep, g.channels)) for g in groups],
+                        dtype=np.int64), paths
+    assert costs is not None
+    model = costs.macs if options.flops is not None else costs.params
+    fraction = options.flops if options.flops is not None else options.params
+    assert fraction is not None
+    budget = fraction * model.full
+    steps = (options.round_to, options.min_keep)
+    if options.allocation == "uniform":
+        return allocate_uniform(model, budget, *steps), paths
+    windows = _windows(analysis)
+    if options.allocation == "dof":
+        spectra = [_selection_spectrum(analysis, group, statistics, options,
+                                       windows.get(group.id, ())) for group in groups]
+        return allocate_dof(model, budget, spectra, *steps), paths
+    curves = []
+    for group in groups:
+        problems = (group_problems(analysis, group, statistics, options)
+                    + _window_problems(analysis, group, statistics, options,
+                                       windows.get(group.id, ())))
+        path = greedy_select(problems, group.channels)
+        paths[group.id] = path
+        curves.append(path.losses / max(path.losses[0], np.finfo(np.float64).tiny))
+    return allocate_greedy(model, budget, curves, *steps), paths
+
+
 def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
-               options: PlanOptions, windows: Sequence[Window] = ()) -> PlannedGroup:
+               options: PlanOptions, width: int | None = None, path: GreedyPath | None = None,
+               compensation: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+               windows: Sequence[Window] = ()) -> PlannedGroup:
     """Choose the kept channels of one prunable base group and its taps' reconstructions.
 
+    `width`: channels to keep (default: `ratio` of them). `path`: a greedy path of at least
+    `width` steps already computed for this group (its prefix is the selection).
+    `compensation`: per tap tensor, `(S, C)`, both [m, m]: the second moment of the tap in the
+    partially pruned model and the cross moment E[t_original t_pruned^T]; the reconstruction
+    then maps the pruned model's kept channels to the original's activation,
+    A = C[:, J] (S[J, J] + lambda I)^-1 (SPEC section 5).
     `windows`: taps of concatenations that contain the group; their blocks over the group's
     channels join its own taps in the selection (their reconstruction is the derived group's).
     """
-    round_to = options.round_to or (AUTO_ROUND_TO if group.channels >= AUTO_ROUND_MIN else 1)
-    width = uniform_width(group.channels, options.ratio, round_to)
-    if width == group.channels:  # nothing is dropped, so nothing to reconstruct (exact)
-        kept = np.arange(group.channels)
+    if width is None:
+        width = uniform_width(group.channels, options.ratio,
+                              round_step(group.channels, options.round_to))
+    if width == group.channels and compensation is None:
+        kept = np.arange(group.channels)  # nothing is dropped: nothing to reconstruct (exact)
         identity = _dropping(group.channels, kept)
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: identity for tap in group.taps}),
                             None)
     if not options.needs_statistics:
-        kept = np.sort(_l1_kept(analysis, group, width))
+        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
         dropping = _dropping(group.channels, kept)
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
                             None)
-    problems = [_problem(analysis, tap, statistics, options) for tap in group.taps]
-    windowed = [_problem(analysis, tap, statistics, options, (offset, group.channels))
-                for tap, offset in windows]
+    problems = group_problems(analysis, group, statistics, options)
     curve = None
-    if options.selection == "spectral":
-        path = greedy_select(problems + windowed, width)
-        kept = np.sort(path.order)
+    if options.selection == "spectral" and compensation is not None and \
+            options.cross_selection:
+        kept = np.sort(cross_greedy_select(
+            [(*compensation[tap.tensor], problem.weight,
+              default_ridge(compensation[tap.tensor][0], options.rho))
+             for tap, problem in zip(group.taps, problems, strict=True)], width))
+        if path is not None:
+            curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
+    elif options.selection == "spectral":
+        if path is None or path.order.size < width:
+            windowed = _window_problems(analysis, group, statistics, options, windows)
+            path = greedy_select(problems + windowed, width)
+        kept = np.sort(path.order[:width])
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:
-        kept = np.sort(_l1_kept(analysis, group, width))
-    reconstructions = {
-        tap.tensor: reconstruction(problem.sigma, kept, problem.ridge)
-        for tap, problem in zip(group.taps, problems, strict=True)
-    }
-    return PlannedGroup(GroupPlan(group, kept, reconstructions), curve)
+        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
+    reconstructions = {}
+    offsets = {}
+    for tap, problem in zip(group.taps, problems, strict=True):
+        if not options.reconstruct:
+            reconstructions[tap.tensor] = _dropping(group.channels, kept)
+        elif compensation is not None and tap.tensor in compensation:
+            second, cross = compensation[tap.tensor]
+            ridge = default_ridge(second, options.rho)
+            reconstructions[tap.tensor] = _cross_reconstruction(second, cross, kept, ridge)
+        elif options.affine and supports_offset(analysis.graph, tap):
+            reconstructions[tap.tensor], offsets[tap.tensor] = affine_reconstruction(
+                problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge)
+        else:
+            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
+    return PlannedGroup(GroupPlan(group, kept, reconstructions, offsets or None), curve,
+                        group_spectrum(analysis, group, statistics), options.rho)
+
+
+def _cross_reconstruction(second: np.ndarray, cross: np.ndarray, kept: np.ndarray,
+                          ridge: float) -> np.ndarray:
+    """A = C[:, J] (S[J, J] + lambda I)^-1, [m, k]."""
+    gram = second[np.ix_(kept, kept)] + ridge * np.eye(kept.size)
+    return np.linalg.solve(gram, cross[:, kept].T).T
 
 
 def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[int, np.ndarray],
@@ -157,7 +310,7 @@ def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[in
     ]).astype(np.int64)
     reconstructions = {}
     for tap in group.taps:
-        if options.reconstruct:
+        if options.reconstruct and kept.size < group.channels:
             problem = _problem(analysis, tap, statistics, options)
             reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
         else:
@@ -165,22 +318,14 @@ def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[in
     return PlannedGroup(GroupPlan(group, kept, reconstructions), None)
 
 
-def _windows(analysis: Analysis) -> dict[int, list[Window]]:
-    """For each base group, the taps of prunable derived groups containing it."""
-    windows: dict[int, list[Window]] = {}
-    for group in analysis.prunable:
-        for part, offset, _ in group.parts:
-            if part is not None:
-                windows.setdefault(part, []).extend((tap, offset) for tap in group.taps)
-    return windows
-
-
-def plan_groups(analysis: Analysis, statistics: Statistics,
-                options: PlanOptions) -> tuple[PlannedGroup, ...]:
-    """Plans for every prunable group of the analysis: base groups, then derived ones."""
+def plan_groups(analysis: Analysis, statistics: Statistics, options: PlanOptions,
+                costs: GroupCosts | None = None) -> tuple[PlannedGroup, ...]:
+    """Plans for every prunable group (parallel statistics): base groups, then derived ones."""
+    widths, paths = allocate_widths(analysis, statistics, options, costs)
     windows = _windows(analysis)
-    base = [plan_group(analysis, group, statistics, options, windows.get(group.id, ()))
-            for group in analysis.prunable if not group.parts]
+    base = [plan_group(analysis, group, statistics, options, int(width), paths.get(group.id),
+                       windows=windows.get(group.id, ()))
+            for group, width in zip(analysis.base_groups, widths, strict=True)]
     kept = {item.plan.group.id: item.plan.kept for item in base}
     derived = [plan_derived(analysis, group, kept, statistics, options)
                for group in analysis.prunable if group.parts]

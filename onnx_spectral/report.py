@@ -26,6 +26,10 @@ class GroupReport:
     kept: int
     heldout_error: float | None
     frozen: tuple[str, ...]
+    spectrum: tuple[float, ...] = ()
+    """Eigenvalues of Sigma / trace(Sigma), descending (empty when not computed)."""
+    dof: float | None = None
+    """Degrees of freedom N(lambda) = sum mu / (mu + lambda) at lambda = the relative ridge."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,15 @@ class Report:
 
     def format(self) -> str:
         """The table the CLI prints."""
-        rows = [("group", "producer", "channels", "held-out rel. error", "status")]
+        rows = [("group", "producer", "channels", "dof", "held-out rel. error", "status")]
         for group in self.groups:
             producer = group.producers[0] + (f" (+{len(group.producers) - 1})"
                                              if len(group.producers) > 1 else "")
             error = "-" if group.heldout_error is None else f"{group.heldout_error:.4f}"
             status = "pruned" if not group.frozen else "frozen: " + group.frozen[0]
-            rows.append((str(group.id), producer, f"{group.channels} -> {group.kept}", error,
-                         status))
+            dof = "-" if group.dof is None else f"{group.dof:.1f}"
+            rows.append((str(group.id), producer, f"{group.channels} -> {group.kept}", dof,
+                         error, status))
         lines = _table(rows)
         lines.append("")
         lines.append(_ratio_line("parameters", self.cost_before.params, self.cost_after.params))

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from . import large
+from .affine import fold_offset
 from .analysis import Analysis, ChannelGroup
 from .errors import RewriteError
 from .graph import GraphIndex, infer_shapes, tensor_dims
@@ -35,6 +36,8 @@ class GroupPlan:
     group: ChannelGroup
     kept: np.ndarray
     reconstructions: Mapping[str, np.ndarray]
+    offsets: Mapping[str, np.ndarray] | None = None
+    """Per tap tensor, the affine offset c ([m]) folded into its sinks' biases (optional)."""
 
 
 class _Editor:
@@ -102,10 +105,13 @@ def _apply(plan: GroupPlan, editor: _Editor) -> None:
         handler.slice(node, member, kept, group.channels, editor)
     for tap in group.taps:
         reconstruction = plan.reconstructions[tap.tensor]
+        offset = None if plan.offsets is None else plan.offsets.get(tap.tensor)
         for sink in tap.sinks:
             node = graph.nodes_by_name[sink.node]
             handler = handler_for(node.op_type, node.domain)
             assert handler is not None
+            if offset is not None:
+                fold_offset(graph.nodes_by_name[sink.node], sink, offset, editor)
             handler.fold(node, sink, reconstruction, kept, editor)
 
 

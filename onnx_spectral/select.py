@@ -458,3 +458,49 @@ def l1_norm_order(weight_rows: np.ndarray) -> np.ndarray:
         raise OptionsError("weight_rows holds NaN or infinite values")
     norms = np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
     return np.argsort(-norms, kind="stable").astype(np.int64)
+
+
+def cross_greedy_select(problems: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+                        k: int) -> np.ndarray:
+    """Greedy selection toward another model's activation (sequential compensation).
+
+    Each tap brings ``(S, C, M, lambda)``: ``S`` ``[m, m]`` second moment of the channels the
+    kept set is taken from, ``C`` ``[m, m]`` cross moment ``E[t_target t^T]``, ``M`` the loss
+    weight and the ridge. The loss of ``J`` is
+    ``sum_t trace(M (Sigma_target - C[:, J] (S[J, J] + lambda I)^-1 C[:, J]^T))``; each step adds
+    the channel of largest decrease ``r^T M r / (R_S[j, j] + lambda)`` with ``r`` the column of
+    the cross residual ``R_C``, then updates ``R_S -= s s^T / d`` and ``R_C -= r s^T / d``
+    (``s = R_S[:, j]``, ``d = R_S[j, j] + lambda``). With ``C = S`` it is ``greedy_select``.
+    Cost ``O(k m^2)`` per tap.
+
+    Returns:
+        int64 ``[k]``, channels in the order chosen.
+    """
+    m = problems[0][0].shape[0]
+    if not 0 <= k <= m:
+        raise OptionsError(f"k must be an integer in 0..{m}, got {k!r}")
+    states = []
+    for second, cross, weight, ridge in problems:
+        residual_s = np.array(second, dtype=np.float64)
+        residual_c = np.array(cross, dtype=np.float64)
+        states.append([residual_s, residual_c, weight @ residual_c, weight, float(ridge)])
+    chosen = np.zeros(m, dtype=bool)
+    order = np.empty(k, dtype=np.int64)
+    for step in range(k):
+        gains = np.zeros(m)
+        for residual_s, residual_c, product, _, ridge in states:
+            gains += (np.maximum(np.einsum("ij,ij->j", residual_c, product), 0.0)
+                      / (np.maximum(np.diagonal(residual_s), 0.0) + ridge))
+        gains[chosen] = -np.inf
+        j = int(np.argmax(gains))
+        chosen[j] = True
+        order[step] = j
+        for state in states:
+            residual_s, residual_c, product, weight, ridge = state
+            d = max(residual_s[j, j], 0.0) + ridge
+            s = residual_s[:, j].copy()
+            r = residual_c[:, j].copy()
+            residual_s -= np.outer(s, s / d)
+            residual_c -= np.outer(r, s / d)
+            state[2] = product - np.outer(weight @ r, s / d)
+    return order

@@ -334,3 +334,25 @@ def test_l1_norm_order():
     assert l1_norm_order(np.array([0.5, -3.0])).tolist() == [1, 0]
     with pytest.raises(OptionsError, match="scalar"):
         l1_norm_order(np.array(1.0))
+
+
+def test_cross_greedy_equals_greedy_when_the_target_is_the_input() -> None:
+    rng = np.random.default_rng(5)
+    sigma = _random_psd(rng, 12, 40)
+    weight = loss_weight(12, _random_psd(rng, 12, 30), 0.5)
+    ridge = default_ridge(sigma, 1e-3)
+    expected = greedy_select([TapProblem(sigma, weight, ridge)], 6).order
+    order = select.cross_greedy_select([(sigma, sigma, weight, ridge)], 6)
+    np.testing.assert_array_equal(order, expected)
+
+
+def test_cross_greedy_finds_the_channel_that_carries_the_target() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 400))
+    target = np.vstack([x[3] * 2.0, x[3] * -1.0])  # the target only depends on channel 3
+    second = x @ x.T / 400
+    cross = target @ x.T / 400
+    cross_square = np.zeros((5, 5))
+    cross_square[:2] = cross
+    order = select.cross_greedy_select([(second, cross_square, np.eye(5) / 5, 1e-6)], 1)
+    assert order.tolist() == [3]

@@ -1,11 +1,15 @@
-"""Quality of onnx-spectral against baselines on real models, one table per model.
+"""Quality of onnx-spectral against baselines on real models at whole-model MAC budgets.
 
-    python tools/bench_quality.py [--models mnist crepe-tiny crepe-full] [--ratio 0.5]
+    python -m tools.bench_quality [--models mnist crepe-tiny crepe-full]
+        [--budgets 0.75 0.5 0.35 0.25] [--methods NAME ...] [--plot bench_quality.png]
 
-Every method gets the same calibration and test data, the same per-group widths (`--ratio`),
-and no fine-tuning. Task metrics: MNIST test accuracy (10,000 images); CREPE raw pitch
-accuracy and median cents error on 2,000 fresh tones. Also prints the wall-clock seconds of each
-compression (calibration included) and where they went.
+No fine-tuning; every method gets the same calibration data, the same test data and the same
+MAC budget (fraction of the whole model's MACs kept, `--flops`). Task metrics: MNIST test
+accuracy (10,000 images); CREPE raw pitch accuracy (RPA) and median cents error on 2,000 fresh
+tones. The stages are run once per model where the statistics are the same: one analysis, one
+calibration (its statistics serve every method), one cost model; each method then only plans
+(selection, widths, and its compensation passes when it has them) and rewrites. The acceptance
+budgets (MNIST 0.07, CREPE tiny 0.35, CREPE full 0.25) are added to the budgets of their model.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +26,53 @@ import onnx
 
 from models import crepe, mnist
 from models.runtime import run_onnx
-from onnx_spectral import compress
+from onnx_spectral import CompressOptions
+from onnx_spectral.analysis import Analysis, analyze
+from onnx_spectral.calibrate import Statistics, calibrate
+from onnx_spectral.compensate import compensated_plans
+from onnx_spectral.data import FeedDict
+from onnx_spectral.graph import load_model
+from onnx_spectral.group_cost import GroupCosts, group_costs
+from onnx_spectral.instrument import instrument
+from onnx_spectral.plan import PlanOptions, plan_groups
+from onnx_spectral.rewrite import rewrite
 
+DEFAULTS = CompressOptions()
+# name -> PlanOptions fields (plus "compensation"); budgets come from --budgets.
 METHODS: dict[str, dict[str, Any]] = {
-    "spectral (defaults)": {},
-    "spectral theta=1 (input-aware)": {"theta": 1.0},
-    "spectral theta=0 (output-aware)": {"theta": 0.0},
-    "ThiNet-like (theta=0, ridge->0)": {"theta": 0.0, "ridge": 1e-8},
-    "L1-norm + reconstruction": {"selection": "l1"},
+    "random channels": {"selection": "random", "reconstruct": False},
     "L1-norm, no reconstruction": {"selection": "l1", "reconstruct": False},
+    "L1-norm + reconstruction": {"selection": "l1"},
+    "ThiNet-like (theta 0, ridge 1e-8)": {"theta": 0.0, "rho": 1e-8},
+    "spectral theta 0, uniform": {"theta": 0.0},
+    "spectral theta 0.5, uniform": {"theta": 0.5},
+    "spectral theta 1, uniform": {"theta": 1.0},
+    "spectral, dof": {"allocation": "dof"},
+    "spectral, greedy": {"allocation": "greedy"},
+    "spectral, uniform + compensation": {"compensation": True},
+    "spectral, dof + compensation": {"allocation": "dof", "compensation": True},
+    "spectral, greedy + compensation": {"allocation": "greedy", "compensation": True},
+    "spectral, greedy + compensation + cross selection": {
+        "allocation": "greedy", "compensation": True, "cross_selection": True},
+    "defaults": {"theta": DEFAULTS.theta, "rho": DEFAULTS.ridge,
+                 "allocation": DEFAULTS.allocation, "compensation": DEFAULTS.compensation},
 }
+TORCH_PRUNING = ("Torch-Pruning magnitude (its model)", "Torch-Pruning channels, exact surgery")
+ACCEPTANCE = {"mnist": 0.07, "crepe-tiny": 0.35, "crepe-full": 0.25}
 
 
 @dataclass(frozen=True)
 class Task:
-    """A real model with its calibration data and its task metric."""
+    """A real model with its calibration batches, its metric and the metric's name."""
 
     model: Path
-    calibration: dict[str, np.ndarray]
-    calib_samples: int
-    score: Callable[[onnx.ModelProto | Path], str]
+    calibration: list[FeedDict]
+    score: Callable[[onnx.ModelProto | Path], tuple[float, str]]
+    """(main metric in %, text)."""
+
+
+def _batches(name: str, array: np.ndarray, size: int = 32) -> list[FeedDict]:
+    return [{name: array[start:start + size]} for start in range(0, len(array), size)]
 
 
 def mnist_task() -> Task:
@@ -49,22 +80,23 @@ def mnist_task() -> Task:
     test, labels = mnist.mnist_images("test")
     inputs = mnist.preprocess(test)
 
-    def score(model: onnx.ModelProto | Path) -> str:
-        return f"accuracy {100 * mnist.accuracy(run_onnx(model, inputs), labels):.2f}%"
+    def score(model: onnx.ModelProto | Path) -> tuple[float, str]:
+        value = 100 * mnist.accuracy(run_onnx(model, inputs), labels)
+        return value, f"{value:.2f}%"
 
-    return Task(mnist.digit_cnn_onnx(), {"input": mnist.preprocess(train[:1200])}, 1000, score)
+    return Task(mnist.digit_cnn_onnx(), _batches("input", mnist.preprocess(train[:1000])), score)
 
 
 def crepe_task(capacity: crepe.Capacity) -> Task:
-    frames, _ = crepe.make_tones(2200, seed=11)
+    frames, _ = crepe.make_tones(2000, seed=11)
     test, f0 = crepe.make_tones(2000, seed=12)
 
-    def score(model: onnx.ModelProto | Path) -> str:
+    def score(model: onnx.ModelProto | Path) -> tuple[float, str]:
         metrics = crepe.pitch_metrics(run_onnx(model, test, batch_size=250), f0)
-        return (f"RPA {100 * metrics.raw_pitch_accuracy:.2f}%, "
-                f"median {metrics.median_cents_error:.1f} cents")
+        value = 100 * metrics.raw_pitch_accuracy
+        return value, f"{value:.2f}% / {metrics.median_cents_error:.1f} c"
 
-    return Task(crepe.crepe_onnx(capacity), {"frames": frames}, 2000, score)
+    return Task(crepe.crepe_onnx(capacity), _batches("frames", frames), score)
 
 
 TASKS: dict[str, Callable[[], Task]] = {
@@ -74,31 +106,127 @@ TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
-def bench(name: str, ratio: float) -> None:
+@dataclass
+class Stages:
+    """What every method of one model shares: analysis, statistics, cost model."""
+
+    analysis: Analysis
+    statistics: Statistics
+    costs: GroupCosts
+    compensation_batches: list[FeedDict]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def shared_stages(task: Task) -> Stages:
+    start = time.perf_counter()
+    analysis = analyze(load_model(task.model))
+    statistics = calibrate(instrument(analysis.graph, analysis.taps), task.calibration, "cpu")
+    calibrated = time.perf_counter()
+    costs = group_costs(analysis)
+    first = []
+    samples = 0
+    for feeds in task.calibration:
+        if samples >= DEFAULTS.compensation_samples:
+            break
+        first.append(feeds)
+        samples += len(next(iter(feeds.values())))
+    return Stages(analysis, statistics, costs, first,
+                  {"calibration": calibrated - start})
+
+
+def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
+                  ) -> tuple[onnx.ModelProto, float]:
+    """The model at `flops` MACs kept with one method's settings; and the MACs kept."""
+    fields = {key: value for key, value in settings.items() if key != "compensation"}
+    fields.setdefault("rho", DEFAULTS.ridge)
+    fields.setdefault("theta", DEFAULTS.theta)
+    options = PlanOptions(flops=flops, **fields)
+    if settings.get("compensation") and options.reconstruct:
+        planned = compensated_plans(stages.analysis, stages.statistics, options,
+                                    lambda: stages.compensation_batches, "cpu", stages.costs)
+    else:
+        planned = plan_groups(stages.analysis, stages.statistics, options, stages.costs)
+    widths = [int(item.plan.kept.size) for item in planned]
+    return (rewrite(stages.analysis, [item.plan for item in planned]),
+            stages.costs.macs(widths) / stages.costs.macs.full)
+
+
+def bench(name: str, budgets: list[float], methods: list[str],
+          results: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
     task = TASKS[name]()
-    print(f"\n## {name}, --ratio {ratio}  (original: {task.score(task.model)})")
-    print("| method | task metric | MACs kept | params kept | seconds | stages |")
-    print("|---|---|---|---|---|---|")
-    for method, options in METHODS.items():
+    stages = shared_stages(task)
+    _, original = task.score(task.model)
+    budgets = sorted(set(budgets) | {ACCEPTANCE[name]}, reverse=True)
+    print(f"\n## {name} (original: {original}; calibration "
+          f"{stages.seconds['calibration']:.0f} s, shared by all methods)")
+    print("| method | " + " | ".join(f"MACs {b:g}" for b in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    curves = results.setdefault(name, {})
+    for method in methods:
+        if method == "torch-pruning":
+            _bench_torch_pruning(name, task, stages, budgets, curves)
+            continue
+        cells = []
+        for budget in budgets:
+            start = time.perf_counter()
+            model, kept = compress_with(stages, budget, METHODS[method])
+            seconds = time.perf_counter() - start
+            value, text = task.score(model)
+            curves.setdefault(method, []).append((kept, value))
+            cells.append(f"{text} ({100 * kept:.1f}%, {seconds:.0f} s)")
+        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _bench_torch_pruning(name: str, task: Task, stages: Stages, budgets: list[float],
+                         curves: dict[str, list[tuple[float, float]]]) -> None:
+    from tools.torch_pruning_baseline import torch_pruning_models
+
+    rows: tuple[list[str], list[str]] = ([], [])
+    for budget in budgets:
         start = time.perf_counter()
-        model, report = compress(task.model, task.calibration, ratio=ratio, provider="cpu",
-                                 calib_samples=task.calib_samples, verify_samples=200,
-                                 **options)
+        path, surgery, kept = torch_pruning_models(name, stages.analysis, stages.costs, budget)
         seconds = time.perf_counter() - start
-        stages = ", ".join(f"{stage} {value:.1f}" for stage, value in report.seconds.items())
-        macs = report.cost_after.macs / report.cost_before.macs
-        params = report.cost_after.params / report.cost_before.params
-        print(f"| {method} | {task.score(model)} | {100 * macs:.1f}% | {100 * params:.1f}% "
-              f"| {seconds:.1f} | {stages} |", flush=True)
+        for row, label, model in zip(rows, TORCH_PRUNING, (path, surgery), strict=True):
+            value, text = task.score(model)
+            curves.setdefault(label, []).append((kept, value))
+            row.append(f"{text} ({100 * kept:.1f}%, {seconds:.0f} s)")
+    for label, row in zip(TORCH_PRUNING, rows, strict=True):
+        print(f"| {label} | " + " | ".join(row) + " |", flush=True)
+
+
+def plot(results: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for axis, (name, curves) in zip(axes[0], results.items(), strict=True):
+        for method, points in curves.items():
+            xs, ys = zip(*sorted(points), strict=True)
+            axis.plot(xs, ys, marker="o", label=method)
+        axis.set_title(name)
+        axis.set_xlabel("MACs kept")
+        axis.set_ylabel("accuracy / raw pitch accuracy (%)")
+    axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25])
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "torch-pruning"],
+                        default=[*METHODS, "torch-pruning"])
+    parser.add_argument("--plot", type=Path, help="write the metric-vs-MACs figure here")
     args = parser.parse_args()
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name in args.models:
-        bench(name, args.ratio)
+        bench(name, args.budgets, args.methods, results)
+    if args.plot is not None:
+        plot(results, args.plot)
+        print(f"\nwrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The cost model of a graph as a function of its groups' widths (see `widths.CostModel`).
+
+Each prunable group is probed once (a Concat/Split group's shrink is charged to each of its base
+parts, whose channels it carries): its handlers slice and fold as if one channel were removed,
+into an editor that only records the new shapes of the constants they edit. An axis of a weight
+that lost ``s`` elements shrinks by ``s`` per channel removed from that group (1 for a Conv's
+channel axis, ``H*W`` for a flattened Gemm input). Parameters of an edited tensor are the
+product of its axis lengths; the MACs of a Conv, ConvTranspose, Gemm or MatMul are its MACs at
+full width times the fraction of its weight's elements that remain (for all four, MACs are the
+weight's element count times a factor the widths do not change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis, ChannelGroup
+from .cost import ModelCost, model_cost
+from .graph import GraphIndex
+from .ops import handler_for
+from .widths import CostModel, CostTerm
+
+_LINEAR_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+class _ShapeEditor:
+    """An Editor that computes edits like the rewrite but keeps only their shapes."""
+
+    def __init__(self, graph: GraphIndex) -> None:
+        self.graph = graph
+        self._values: dict[tuple[str, int], np.ndarray] = {}
+
+    def input_value(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+        edited = self._values.get((node.name, position))
+        return edited if edited is not None else self.graph.input_constant(node, position)
+
+    def set_input_value(self, node: onnx.NodeProto, position: int, value: np.ndarray) -> None:
+        self._values[(node.name, position)] = np.asarray(value)
+
+    def set_attribute(self, node: onnx.NodeProto, name: str, value: object) -> None:
+        del node, name, value  # attributes carry no cost
+
+    def shapes(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        return {key: tuple(value.shape) for key, value in self._values.items()}
+
+
+def _probe(graph: GraphIndex, group: ChannelGroup) -> dict[tuple[str, int], tuple[int, ...]]:
+    """Shapes of the constants the rewrite edits when `group` drops its last channel."""
+    editor = _ShapeEditor(graph)
+    kept = np.arange(group.channels - 1, dtype=np.int64)
+    for member in group.members:
+        node = graph.nodes_by_name[member.node]
+        handler = handler_for(node.op_type, node.domain)
+        assert handler is not None
+        handler.slice(node, member, kept, group.channels, editor)
+    dropping = np.eye(group.channels)[:, : group.channels - 1]
+    for tap in group.taps:
+        for sink in tap.sinks:
+            node = graph.nodes_by_name[sink.node]
+            handler = handler_for(node.op_type, node.domain)
+            assert handler is not None
+            handler.fold(node, sink, dropping, kept, editor)
+    return editor.shapes()
+
+
+@dataclass(frozen=True)
+class GroupCosts:
+    """The MACs and parameter cost models over `groups` (in this order)."""
+
+    groups: tuple[ChannelGroup, ...]
+    macs: CostModel
+    params: CostModel
+
+
+def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts:
+    """Cost models of `analysis.graph.model` over its base groups (`Analysis.base_groups`).
+
+    `cost`: the model's `model_cost` when the caller already has it.
+    """
+    graph = analysis.graph
+    groups = analysis.base_groups
+    column = {group.id: index for index, group in enumerate(groups)}
+    cost = cost if cost is not None else model_cost(graph.model)
+    sizes = np.array([group.channels for group in groups], dtype=np.int64)
+    shrink: dict[tuple[str, int], np.ndarray] = {}
+    for group in analysis.prunable:
+        # a Concat/Split group loses one channel per channel of each of its base parts
+        columns = ([column[part] for part, _, _ in group.parts if part in column]
+                   if group.parts else [column[group.id]])
+        if group.channels < 2 or not columns:
+            continue
+        for key, shape in _probe(graph, group).items():
+            node = graph.nodes_by_name[key[0]]
+            original = graph.input_constant(node, key[1])
+            assert original is not None
+            if key not in shrink:
+                shrink[key] = np.zeros((original.ndim, len(groups)))
+            if len(shape) == original.ndim:
+                shrink[key][:, columns] += (np.array(original.shape) - np.array(shape))[:, None]
+    param_terms, mac_terms = [], []
+    varying_params = 0
+    seen: set[str] = set()
+    for (node_name, position), table in shrink.items():
+        node = graph.nodes_by_name[node_name]
+        original = graph.input_constant(node, position)
+        assert original is not None
+        dims = np.array(original.shape, dtype=np.float64)
+        name = node.input[position]
+        if name not in seen and np.issubdtype(original.dtype, np.floating):
+            seen.add(name)
+            varying_params += original.size
+            param_terms.append(CostTerm(1.0, dims, table))
+        if _LINEAR_WEIGHT.get(node.op_type) == position and node_name in cost.macs_by_node:
+            scale = cost.macs_by_node[node_name] / max(original.size, 1)
+            mac_terms.append(CostTerm(scale, dims, table))
+    varying_macs = sum(term.scale * float(np.prod(term.dims)) for term in mac_terms)
+    return GroupCosts(
+        groups=groups,
+        macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms)),
+        params=CostModel(sizes, float(cost.params - varying_params), tuple(param_terms)),
+    )
