@@ -49,9 +49,10 @@ def test_light_model_compresses_at_half_width(name: str, max_params: float) -> N
 
 
 def test_ppocr_classifier_at_three_quarters() -> None:
-    """Measured 82.5% top-1 agreement on page-line crops (the original is 94.3% accurate on
-    them); the issue's target is 95%: not met by per-layer reconstruction, see README. Keeping
-    every channel reproduces the original exactly."""
+    """Measured 95.0% top-1 agreement on page-line crops with the default sequential
+    compensation (the original is 94.2% accurate on them; 82.5% without compensation); asserted
+    with one point of margin for other CPUs' rounding. Keeping every channel reproduces the
+    original exactly."""
     model = onnx.load(str(ppocr.cls_model()))
     calib_x, _ = ppocr.crop_batch(600, seed=0)
     test_x, _ = ppocr.crop_batch(400, seed=1, sources=ppocr.PAGE)
@@ -60,7 +61,9 @@ def test_ppocr_classifier_at_three_quarters() -> None:
                                   verify_samples=100, provider="cpu")
     check_interface(model, compressed)
     assert report.cost_after.params < 0.7 * report.cost_before.params
-    assert np.mean(before.argmax(1) == run_onnx(compressed, test_x).argmax(1)) >= 0.8
+    agreement = np.mean(before.argmax(1) == run_onnx(compressed, test_x).argmax(1))
+    print(f"PP-OCR ratio 0.75: top-1 agreement {agreement:.4f}")
+    assert agreement >= 0.94
     whole, _ = compress(model, {"x": calib_x}, ratio=1.0, calib_samples=500,
                         verify_samples=100, provider="cpu")
     np.testing.assert_allclose(run_onnx(whole, test_x), before, atol=1e-5)
