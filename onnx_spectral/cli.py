@@ -37,7 +37,7 @@ from .errors import (
     UnsupportedGraphError,
 )
 from .graph import load_model
-from .plots import write_plots
+from .plots import require_matplotlib, write_plots
 from .report import analysis_dict, format_analysis, format_seconds
 from .stats_io import Shard, load_statistics, merge_statistics, save_statistics
 from .widths import ALLOCATIONS
@@ -161,6 +161,8 @@ def _analyze_parser() -> argparse.ArgumentParser:
 def _run_compress(argv: Sequence[str]) -> int:
     args = _compress_parser().parse_args(argv)
     _check_paths(args.input, args.output, args.report)
+    if args.plots is not None:
+        require_matplotlib()  # fail before anything is written, not after the model
     options = CompressOptions(
         ratio=args.ratio, theta=args.theta, ridge=args.ridge, batch_size=args.batch_size,
         calib_samples=args.calib_samples, verify_samples=args.verify_samples,

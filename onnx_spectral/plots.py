@@ -11,6 +11,11 @@ from .errors import OptionsError
 from .report import Report
 
 
+def require_matplotlib() -> None:
+    """Raise OptionsError now, before any work, when --plots cannot be honoured."""
+    _pyplot()
+
+
 def _pyplot():  # type: ignore[no-untyped-def]
     try:
         import matplotlib
