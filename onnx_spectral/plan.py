@@ -1,12 +1,14 @@
 """From statistics to a plan per group: widths, kept channels and reconstruction matrices.
 
 This is where the graph (sink weights, producer weights) meets the pure selection math of
-`select.py`: each tap of a group becomes a `TapProblem` (its Sigma, its ridge, its loss weight
-mixed from the sinks' Z^T Z by theta), the group keeps `uniform_width` channels chosen by greedy
-spectral selection (or by filter L1 norm, the Li et al. baseline), and each tap gets its ridge
-reconstruction (or plain channel dropping for the baseline without reconstruction).
+`select.py` and `widths.py`: each tap of a group becomes a `TapProblem` (its Sigma, its ridge,
+its loss weight mixed from the sinks' Z^T Z by theta); the widths come from `--ratio` or from a
+`--flops`/`--params` budget split by the chosen allocation; each base group keeps its width in
+channels chosen by greedy spectral selection (or by a baseline: filter L1 norm, random), each
+tap gets its ridge reconstruction (or the compensated one, or plain channel dropping for the
+baselines), and a Concat/Split group takes its parts' kept channels with one reconstruction per
+tap over all of them.
 """
-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
