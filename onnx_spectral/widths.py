@@ -106,9 +106,9 @@ def round_width(m: int, width: float, round_to: int, min_keep: int) -> int:
     A ``1e-9`` tolerance keeps ``ceil(3.0000000001)`` at 3.
     """
     step = round_step(m, round_to)
-    rounded = math.ceil(width - 1e-9)
+    rounded = max(math.ceil(width - 1e-9), min(max(min_keep, 1), m))
     rounded = -(-rounded // step) * step
-    return int(min(max(rounded, min(max(min_keep, 1), m)), m))
+    return int(min(rounded, m))
 
 
 def _check(sizes: np.ndarray, round_to: int, min_keep: int) -> None:
