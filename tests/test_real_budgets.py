@@ -4,7 +4,7 @@ The defaults (greedy widths, sequential compensation, theta 0.5, rho 1e-3, autom
 widths to multiples of 8 for groups of >= 64 channels) at the acceptance budgets, no
 fine-tuning. The issue's targets are MNIST >= 98.5% at --flops 0.07, CREPE tiny RPA >= 90% at
 0.35 and CREPE full RPA >= 97% at 0.25. CREPE full meets its target (asserted); MNIST (measured
-97.81%) and CREPE tiny (84.35%) do not yet: their floors are what the code measurably reaches
+97.68%) and CREPE tiny (84.2%) do not yet: their floors are what the code measurably reaches
 today, a little below the measurement (see the README's budget section).
 """
 
@@ -43,8 +43,8 @@ def test_crepe_tiny_at_35_percent_of_the_macs() -> None:
     metrics = crepe.pitch_metrics(run_onnx(model, test, batch_size=250), f0)
     print(f"CREPE tiny --flops 0.35: {metrics}, MACs kept {_macs_kept(report):.4f}")
     # widths are multiples of 8 for groups of >= 64 channels (automatic rounding): the budget
-    # is met within one such step (measured 0.3231 kept)
-    assert 0.31 <= _macs_kept(report) <= 0.35
+    # is met within one such step (measured 0.3160 kept)
+    assert 0.30 <= _macs_kept(report) <= 0.35
     assert metrics.raw_pitch_accuracy >= 0.83
 
 
