@@ -86,7 +86,7 @@ class CompressOptions:
     compensation: bool = True
     """Sequential compensation: reconstruct toward the original model's activations."""
     affine: bool = False
-    """Affine reconstruction: offset folded into the sinks' biases (taps not compensated)."""
+    """Affine reconstruction: offset folded into the sinks' biases (compensated taps too)."""
     compensation_samples: int = 1000
     """Calibration samples (the first ones) each compensation pass runs through both models."""
 

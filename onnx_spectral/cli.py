@@ -144,7 +144,7 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOpt
                              "(default %(default)s)")
     parser.add_argument("--affine", action="store_true",
                         help="affine reconstruction: fold a per-channel offset into the sinks' "
-                             "biases (layers not reconstructed by --compensation)")
+                             "biases (compensated layers included)")
     parser.add_argument("--plots", type=Path, metavar="DIR",
                         help="write PNG figures (spectra, widths) here; needs matplotlib")
 

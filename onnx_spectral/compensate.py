@@ -8,11 +8,12 @@ the graph,
 
     C = sum t_orig t_pruned^T   ([m, m], Gemm with transA=1)
     S = sum t_pruned t_pruned^T ([m, m])
+    sum t_orig, sum t_pruned    ([m] each, for the affine variant)
 
 over all samples (batch x positions). Only the nodes these outputs need are kept. The
 reconstruction of a group is then A = C[:, J] (S[J, J] + lambda I)^-1: from the kept channels
-of the pruned model to the original's whole activation. The first pass (groups with nothing
-pruned upstream) needs no extra run: there S = C = Sigma.
+of the pruned model to the original's whole activation (`moments.py`). The first pass (groups
+with nothing pruned upstream) needs no extra run: there S = C = Sigma.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .data import FeedDict
 from .errors import StatisticsError
 from .graph import opset_version
 from .group_cost import GroupCosts
+from .moments import CrossMoments
 from .plan import PlannedGroup, PlanOptions, allocate_widths, plan_group
 from .rewrite import rewrite
 from .runtime import Provider, open_session
@@ -44,6 +46,12 @@ class _CrossOutputs:
     cross: str
     second: str
     shape: str
+    sum_original: str
+    sum_pruned: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.cross, self.second, self.shape, self.sum_original, self.sum_pruned)
 
 
 def upstream_groups(analysis: Analysis) -> dict[int, frozenset[int]]:
@@ -165,7 +173,8 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
         left, shape_o, rows_o = _rows(tap.tensor, tap.axis, rank, tap.channels, prefix + "o_")
         right, shape_p, rows_p = _rows(_PRUNED + tap.tensor, tap.axis, rank, tap.channels,
                                        prefix + "p_")
-        names = _CrossOutputs(tap.tensor, prefix + "cross", prefix + "second", prefix + "count")
+        names = _CrossOutputs(tap.tensor, prefix + "cross", prefix + "second", prefix + "count",
+                              prefix + "sum_o", prefix + "sum_p")
         bias = []
         if opset_version(original) < 11:  # Gemm's C is optional from opset 11 on
             zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), prefix + "zero")
@@ -176,6 +185,8 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
             helper.make_node("Gemm", [rows_p, rows_p, *bias], [names.second], transA=1),
             helper.make_node("Shape", [rows_p], [names.shape]),
         ]
+        for rows, total in ((rows_o, names.sum_original), (rows_p, names.sum_pruned)):
+            all_nodes.append(_column_sums(rows, total, prefix, extra, opset_version(original)))
         extra += [shape_o, shape_p]
         value_infos += [
             helper.make_tensor_value_info(names.cross, TensorProto.FLOAT,
@@ -183,10 +194,11 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
             helper.make_tensor_value_info(names.second, TensorProto.FLOAT,
                                           [tap.channels, tap.channels]),
             helper.make_tensor_value_info(names.shape, TensorProto.INT64, [2]),
+            helper.make_tensor_value_info(names.sum_original, TensorProto.FLOAT, [tap.channels]),
+            helper.make_tensor_value_info(names.sum_pruned, TensorProto.FLOAT, [tap.channels]),
         ]
         outputs.append(names)
-    kept = _needed(all_nodes, [name for out in outputs
-                               for name in (out.cross, out.second, out.shape)])
+    kept = _needed(all_nodes, [name for out in outputs for name in out.names])
     used = {name for node in kept for name in node.input}
     inputs = list(original.graph.input)
     if cached:
@@ -203,10 +215,11 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
 
 def cross_statistics(model: onnx.ModelProto, outputs: Sequence[_CrossOutputs],
                      batches: Iterable[FeedDict], provider: Provider
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per tap tensor, `(S, C)` ([m, m] each, float64): pruned second moment and cross moment."""
+                     ) -> dict[str, CrossMoments]:
+    """Per tap tensor, its cross moments (float64) over all samples of `batches`."""
     session = open_session(model, provider)
-    names = [name for out in outputs for name in (out.cross, out.second, out.shape)]
+    names = [name for out in outputs for name in out.names]
+    width = len(outputs[0].names) if outputs else 0
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     wanted = {value.name for value in session.get_inputs()}
@@ -214,16 +227,28 @@ def cross_statistics(model: onnx.ModelProto, outputs: Sequence[_CrossOutputs],
         results = session.run(names, {key: value for key, value in feeds.items()
                                       if key in wanted})
         for index, out in enumerate(outputs):
-            cross, second, shape = results[3 * index: 3 * index + 3]
-            entry = sums.setdefault(out.tensor, [0.0 * np.asarray(second, np.float64),
-                                                 0.0 * np.asarray(cross, np.float64)])
-            entry[0] += np.asarray(second, dtype=np.float64)
-            entry[1] += np.asarray(cross, dtype=np.float64)
+            cross, second, shape, sum_o, sum_p = results[width * index: width * (index + 1)]
+            values = [np.asarray(value, dtype=np.float64) for value in (second, cross, sum_p,
+                                                                          sum_o)]
+            entry = sums.setdefault(out.tensor, [np.zeros_like(value) for value in values])
+            for total, value in zip(entry, values, strict=True):
+                total += value
             counts[out.tensor] = counts.get(out.tensor, 0) + int(shape[0])
     if not counts:
         raise StatisticsError("compensation received no samples: the data source is empty")
-    return {tensor: (second / max(counts[tensor], 1), cross / max(counts[tensor], 1))
-            for tensor, (second, cross) in sums.items()}
+    return {tensor: CrossMoments(*(value / max(counts[tensor], 1) for value in totals))
+            for tensor, totals in sums.items()}
+
+
+def _column_sums(rows: str, output: str, prefix: str, initializers: list[onnx.TensorProto],
+                 opset: int) -> onnx.NodeProto:
+    """ReduceSum of `rows` ([samples, m]) over the samples into `output` ([m])."""
+    if opset < 13:
+        return helper.make_node("ReduceSum", [rows], [output], axes=[0], keepdims=0)
+    axes = prefix + "axes0"
+    if all(init.name != axes for init in initializers):
+        initializers.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axes))
+    return helper.make_node("ReduceSum", [rows, axes], [output], keepdims=0)
 
 
 def original_activations(analysis: Analysis, taps: Sequence[Tap],

@@ -21,6 +21,7 @@ from .affine import affine_reconstruction, supports_offset
 from .analysis import Analysis, ChannelGroup, Tap
 from .calibrate import Statistics
 from .group_cost import GroupCosts
+from .moments import CrossMoments, affine_cross_reconstruction, cross_reconstruction
 from .ops import handler_for
 from .rewrite import GroupPlan
 from .select import (
@@ -66,7 +67,7 @@ class PlanOptions:
     min_keep: int = 1
     affine: bool = False
     """Affine reconstruction (centered statistics, offset folded into sink biases) where the
-    sinks allow it; taps reconstructed by sequential compensation stay linear."""
+    sinks allow it, compensated taps included."""
     cross_selection: bool = False
     """Under compensation, choose the kept channels toward the original's activation too."""
 
@@ -232,16 +233,15 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
 
 def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
                options: PlanOptions, width: int | None = None, path: GreedyPath | None = None,
-               compensation: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+               compensation: Mapping[str, CrossMoments] | None = None,
                windows: Sequence[Window] = ()) -> PlannedGroup:
     """Choose the kept channels of one prunable base group and its taps' reconstructions.
 
     `width`: channels to keep (default: `ratio` of them). `path`: a greedy path of at least
     `width` steps already computed for this group (its prefix is the selection).
-    `compensation`: per tap tensor, `(S, C)`, both [m, m]: the second moment of the tap in the
-    partially pruned model and the cross moment E[t_original t_pruned^T]; the reconstruction
-    then maps the pruned model's kept channels to the original's activation,
-    A = C[:, J] (S[J, J] + lambda I)^-1 (SPEC section 5).
+    `compensation`: per tap tensor, its moments between the original and the partially pruned
+    model; the reconstruction then maps the pruned model's kept channels to the original's
+    activation, A = C[:, J] (S[J, J] + lambda I)^-1 (SPEC section 5; `moments.py`).
     `windows`: taps of concatenations that contain the group; their blocks over the group's
     channels join its own taps in the selection (their reconstruction is the derived group's).
     """
@@ -263,8 +263,8 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     if options.selection == "spectral" and compensation is not None and \
             options.cross_selection:
         kept = np.sort(cross_greedy_select(
-            [(*compensation[tap.tensor], problem.weight,
-              default_ridge(compensation[tap.tensor][0], options.rho))
+            [(compensation[tap.tensor].second, compensation[tap.tensor].cross, problem.weight,
+              default_ridge(compensation[tap.tensor].second, options.rho))
              for tap, problem in zip(group.taps, problems, strict=True)], width))
         if path is not None:
             curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
@@ -282,9 +282,13 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         if not options.reconstruct:
             reconstructions[tap.tensor] = _dropping(group.channels, kept)
         elif compensation is not None and tap.tensor in compensation:
-            second, cross = compensation[tap.tensor]
-            ridge = default_ridge(second, options.rho)
-            reconstructions[tap.tensor] = _cross_reconstruction(second, cross, kept, ridge)
+            moments = compensation[tap.tensor]
+            ridge = default_ridge(moments.second, options.rho)
+            if options.affine and supports_offset(analysis.graph, tap):
+                reconstructions[tap.tensor], offsets[tap.tensor] = affine_cross_reconstruction(
+                    moments, kept, ridge)
+            else:
+                reconstructions[tap.tensor] = cross_reconstruction(moments, kept, ridge)
         elif options.affine and supports_offset(analysis.graph, tap):
             reconstructions[tap.tensor], offsets[tap.tensor] = affine_reconstruction(
                 problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge)
@@ -292,13 +296,6 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
             reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
     return PlannedGroup(GroupPlan(group, kept, reconstructions, offsets or None), curve,
                         group_spectrum(analysis, group, statistics), options.rho)
-
-
-def _cross_reconstruction(second: np.ndarray, cross: np.ndarray, kept: np.ndarray,
-                          ridge: float) -> np.ndarray:
-    """A = C[:, J] (S[J, J] + lambda I)^-1, [m, k]."""
-    gram = second[np.ix_(kept, kept)] + ridge * np.eye(kept.size)
-    return np.linalg.solve(gram, cross[:, kept].T).T
 
 
 def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[int, np.ndarray],

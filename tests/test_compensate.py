@@ -54,20 +54,25 @@ def test_cross_statistics_match_the_two_models_run_apart() -> None:
     compressed = ReferenceEvaluator(pruned).run(None, {"x": x}, intermediate=True)
     rows_o = np.moveaxis(original[tap], 1, -1).reshape(-1, 6).astype(np.float64)
     rows_p = np.moveaxis(compressed[tap], 1, -1).reshape(-1, 6).astype(np.float64)
-    second_moment, cross = stats[tap]
+    moments = stats[tap]
+    second_moment, cross = moments.second, moments.cross
     np.testing.assert_allclose(second_moment, rows_p.T @ rows_p / len(rows_p), rtol=1e-4,
                                atol=1e-5)
     np.testing.assert_allclose(cross, rows_o.T @ rows_p / len(rows_p), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(moments.mean_pruned, rows_p.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(moments.mean_original, rows_o.mean(axis=0), rtol=1e-4,
+                               atol=1e-6)
     assert not np.allclose(cross, rows_o.T @ rows_o / len(rows_o), atol=1e-3)
     # the same from the original's activations computed once and fed in
     cache = original_activations(analysis, second.taps, [{"x": x}], "cpu", 1 << 20)
     assert cache is not None
     cached_model, cached_outputs = merged_model(analysis, pruned, second.taps, cached=True)
     assert all(not node.name.startswith("conv1") for node in cached_model.graph.node)
-    cached_second, cached_cross = cross_statistics(cached_model, cached_outputs, cache,
-                                                   "cpu")[tap]
-    np.testing.assert_allclose(cached_cross, cross, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cached_second, second_moment, rtol=1e-5, atol=1e-6)
+    cached = cross_statistics(cached_model, cached_outputs, cache, "cpu")[tap]
+    np.testing.assert_allclose(cached.cross, cross, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached.second, second_moment, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached.mean_original, moments.mean_original, rtol=1e-5,
+                               atol=1e-6)
     assert original_activations(analysis, second.taps, [{"x": x}], "cpu", 100) is None
 
 
@@ -86,8 +91,11 @@ def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> No
 
     parallel = error(ratio=0.5, compensation=False)
     sequential = error(ratio=0.5, compensation=True)
-    print(f"relative output error: parallel {parallel:.4f}, sequential {sequential:.4f}")
+    affine = error(ratio=0.5, compensation=True, affine=True)
+    print(f"relative output error: parallel {parallel:.4f}, sequential {sequential:.4f}, "
+          f"sequential affine {affine:.4f}")
     assert sequential < parallel
+    assert affine < parallel
     assert error(ratio=1.0, compensation=True, ridge=1e-9) < 1e-4
 
 
