@@ -167,8 +167,8 @@ class _SplittingRunner:
              sums: Mapping[str, _TapSums]) -> None:
         outputs = iter(results)
         for tap in self.taps:
-            blocks = [np.asarray(next(outputs), dtype=np.float64) for _ in tap.blocks]
-            total = np.asarray(next(outputs), dtype=np.float64)
+            blocks = [next(outputs) for _ in tap.blocks]  # float32, summed in float64
+            total = next(outputs)
             shape = next(outputs)
             if not (all(np.isfinite(block).all() for block in blocks)
                     and np.isfinite(total).all()):

@@ -10,8 +10,12 @@ and Y is copied once whatever `b`. The host mirrors it to the full symmetric mat
 (`assemble_gram`). Only about m x m / 2 floats per tap leave the runtime, whatever the batch
 and spatial size.
 
-A tap may get a position stride s (see `tap_cost.gram_strides`): then Y keeps every s-th column
-(position) only, and the sums and the count cover exactly those positions.
+A tap may get a position stride s (see `tap_cost.gram_strides`): an [N, C, H, W] tap with static
+H, W then keeps a grid of positions, every s_h-th row and s_w-th column (s_h s_w >= s), taken
+first by a 1x1 MaxPool with strides (ONNX Runtime runs it in its blocked layout, so nothing
+copies the whole tensor); any other tap keeps every s-th column of Y (opset 10 and later).
+`TapOutputs.stride` records the stride used; the sums and the count cover exactly the kept
+positions.
 """
 
 from __future__ import annotations
@@ -89,6 +93,24 @@ def _value_type(graph: GraphIndex, tensor: str) -> int:
     return TensorProto.FLOAT
 
 
+def _pooling_grid(graph: GraphIndex, tap: Tap, stride: int) -> tuple[int, int] | None:
+    """Row and column steps ``(s_h, s_w)`` with ``s_h * s_w >= stride``, as square as the map
+    allows, for an ``[N, C, H, W]`` tap with static H, W (None otherwise, or for stride 1).
+
+    The subsample is then a ``MaxPool`` with a 1x1 kernel: ONNX Runtime runs it in its blocked
+    channel layout, so only the kept positions are reordered and transposed afterwards.
+    """
+    dims = graph.shapes.get(tap.tensor)
+    if stride <= 1 or dims is None or len(dims) != 4 or tap.axis != 1:
+        return None
+    height, width = dims[2], dims[3]
+    if height is None or width is None:
+        return None
+    rows = min(height, math.ceil(math.sqrt(stride)))
+    columns = min(width, math.ceil(stride / rows))
+    return min(height, math.ceil(stride / columns)), columns  # a narrow map: taller steps
+
+
 def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], TapOutputs]:
     prefix = f"{_PREFIX}{index}_"
@@ -99,6 +121,11 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
     if _value_type(graph, tap.tensor) != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [current], [prefix + "float"], to=TensorProto.FLOAT))
         current = prefix + "float"
+    grid = _pooling_grid(graph, tap, stride)
+    if grid is not None:  # subsample before anything copies the whole tensor
+        nodes.append(helper.make_node("MaxPool", [current], [prefix + "pooled"],
+                                      kernel_shape=[1, 1], strides=list(grid)))
+        current = prefix + "pooled"
     if tap.axis != 0:
         perm = [tap.axis] + [i for i in range(rank) if i != tap.axis]
         nodes.append(helper.make_node("Transpose", [current], [prefix + "first"], perm=perm))
@@ -108,7 +135,8 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
     rows = prefix + "rows"
     nodes.append(helper.make_node("Reshape", [current, shape_const.name], [rows]))
     initializers = [shape_const]
-    if stride > 1:
+    sliced = stride > 1 and grid is None and opset >= 10  # Slice has steps from opset 10
+    if sliced:
         steps = [numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}{label}")
                  for label, value in (("s0", 0), ("s1", np.iinfo(np.int64).max), ("s2", 1),
                                       ("s3", stride))]
@@ -131,7 +159,8 @@ def _tap_nodes(graph: GraphIndex, tap: Tap, index: int, opset: int, stride: int
                                           transB=1))
             blocks.append(GramBlock(name, spans[i], spans[j]))
     outputs = TapOutputs(tap.tensor, tap.channels, tuple(blocks), prefix + "sum",
-                         prefix + "shape", stride)
+                         prefix + "shape",
+                         grid[0] * grid[1] if grid is not None else stride if sliced else 1)
     if opset >= 13:
         axes = numpy_helper.from_array(np.array([1], dtype=np.int64), prefix + "axes")
         initializers.append(axes)
@@ -162,8 +191,10 @@ def instrument(graph: GraphIndex, taps: Sequence[Tap],
                strides: Mapping[str, int] | None = None) -> Instrumented:
     """Copy of `graph.model` whose outputs are the Gram blocks/sum/shape of every tap tensor.
 
-    `strides`: position stride per tap tensor (default 1); ignored below opset 10, whose
-    Slice has no steps.
+    `strides`: position stride per tap tensor (default 1). An [N, C, H, W] tap with static H, W
+    keeps a grid of positions (`_pooling_grid`, in every sample); another tap every stride-th
+    position of its flattened (batch x positions) axis, from opset 10 on (Slice steps; below it
+    such a tap keeps every position).
     """
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
@@ -171,7 +202,7 @@ def instrument(graph: GraphIndex, taps: Sequence[Tap],
     del model.graph.output[:]
     outputs = []
     for index, tap in enumerate(taps):
-        stride = (strides or {}).get(tap.tensor, 1) if opset >= 10 else 1
+        stride = (strides or {}).get(tap.tensor, 1)
         nodes, initializers, names = _tap_nodes(graph, tap, index, opset, stride)
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(initializers)
@@ -183,3 +214,4 @@ def instrument(graph: GraphIndex, taps: Sequence[Tap],
         ])
         outputs.append(names)
     return Instrumented(model, tuple(outputs))
+

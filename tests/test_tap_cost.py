@@ -47,20 +47,52 @@ def test_small_model_is_calibrated_exactly() -> None:
     assert gram_strides(analysis.graph, analysis.taps, 0.25) == {}
 
 
-@pytest.mark.parametrize("stride", [2, 5])
-def test_strided_statistics_count_every_stride_th_position(stride: int) -> None:
+def test_too_few_samples_cap_the_stride() -> None:
+    analysis = analyze(_wide())
+    # the budget asks for stride 25 (see above); 1024 channels x 8 rows each from 40 samples
+    # of 4096 positions allow at most 20
+    assert gram_strides(analysis.graph, analysis.taps, 0.25, samples=1000) == {"relu1": 25}
+    assert gram_strides(analysis.graph, analysis.taps, 0.25, samples=40) == {"relu1": 20}
+    # 2 samples cannot give 8 rows per channel even from every position
+    assert gram_strides(analysis.graph, analysis.taps, 0.25, samples=2) == {}
+
+
+@pytest.mark.parametrize(("stride", "grid"), [(2, (2, 1)), (5, (3, 2))])
+def test_strided_statistics_of_an_image_tap_keep_a_grid(stride: int, grid: tuple[int, int]
+                                                        ) -> None:
     model = _wide(size=3)
     analysis = analyze(model)
     instrumented = instrument(analysis.graph, analysis.taps, {"relu1": stride})
-    assert instrumented.taps[0].stride == stride
+    assert instrumented.taps[0].stride == grid[0] * grid[1]
+    assert any(node.op_type == "MaxPool" for node in instrumented.model.graph.node)
     samples = np.random.default_rng(3).normal(size=(4, 16, 3, 3)).astype(np.float32)
     statistics = calibrate(instrumented, [{"x": samples}], "cpu")
     relu = ReferenceEvaluator(model).run(None, {"x": samples}, intermediate=True)["relu1"]
-    rows = np.moveaxis(relu.astype(np.float64), 1, 0).reshape(1024, -1)[:, ::stride]
+    kept = relu[:, :, ::grid[0], ::grid[1]].astype(np.float64)
+    rows = np.moveaxis(kept, 1, 0).reshape(1024, -1)
     measured = statistics["relu1"]
-    assert measured.count == -(-4 * 9 // stride)
+    assert measured.count == rows.shape[1] == 4 * -(-3 // grid[0]) * -(-3 // grid[1])
     np.testing.assert_allclose(measured.gram, rows @ rows.T, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(measured.total, rows.sum(axis=1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_strided_statistics_of_a_token_tap_count_every_stride_th_position(stride: int
+                                                                          ) -> None:
+    from tests.graphs import matmul_mlp
+
+    model = matmul_mlp(3)
+    analysis = analyze(model)
+    (tap,) = analysis.taps
+    instrumented = instrument(analysis.graph, analysis.taps, {tap.tensor: stride})
+    assert instrumented.taps[0].stride == stride
+    samples = np.random.default_rng(4).normal(size=(3, 5, 12)).astype(np.float32)
+    statistics = calibrate(instrumented, [{"x": samples}], "cpu")
+    values = ReferenceEvaluator(model).run(None, {"x": samples}, intermediate=True)[tap.tensor]
+    rows = values.astype(np.float64).reshape(-1, values.shape[-1]).T[:, ::stride]
+    measured = statistics[tap.tensor]
+    assert measured.count == -(-15 // stride)
+    np.testing.assert_allclose(measured.gram, rows @ rows.T, rtol=1e-5, atol=1e-4)
 
 
 def test_stride_costs_little_selection_quality() -> None:
