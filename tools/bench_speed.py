@@ -10,8 +10,9 @@ Sections (targets from issue 5):
            m = 2048 under 2 s
   memory   peak RSS of a CREPE full compression, 500 vs 5,000 streamed calibration samples, each
            in its own subprocess (difference < 10% of the model size + one batch of activations)
-  latency  ORT CPU latency of compressed vs original at MACs kept 0.5 and 0.25, batch 1 and 32,
-           with --round-to 1/8/16/32 (speedup >= 0.8 x MAC reduction)
+  latency  ORT CPU latency of compressed vs original, models made with --flops 0.5 and 0.25,
+           --allocation greedy/uniform, --round-to 0/1/16, batch 1 and 32 (speedup >= 0.8 x MAC
+           reduction)
   e2e      CREPE full, 2,000 calibration tones + 200 held out, end to end, seconds per stage
   gpu      calibration samples/s with --provider cpu and --provider cuda (needs onnxruntime-gpu)
 
@@ -53,7 +54,6 @@ from onnx_spectral.select import (  # noqa: E402
     greedy_select,
     information_loss,
     loss_weight,
-    uniform_width,
 )
 from onnx_spectral.tap_cost import gram_strides  # noqa: E402
 
@@ -316,57 +316,25 @@ def _latencies(sessions: dict[str, ort.InferenceSession], feeds: Feeds,
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def _predicted_macs(analysis: Analysis, macs_by_node: dict[str, int], ratio: float,
-                    round_to: int) -> float:
-    """Share of MACs kept at `ratio`: each Conv/Gemm scales with its kept outputs x inputs.
-
-    Exact for dense layers (MACs proportional to C_out x C_in); the bench prints it beside the
-    compressed model's measured MACs.
-    """
-    scale = dict.fromkeys(macs_by_node, 1.0)
-    for group in analysis.prunable:
-        kept = uniform_width(group.channels, ratio, round_to) / group.channels
-        for producer in group.producers:
-            scale[producer] *= kept
-        for sink in {sink.node for tap in group.taps for sink in tap.sinks}:
-            scale[sink] *= kept
-    return sum(macs * scale[node] for node, macs in macs_by_node.items()) / sum(
-        macs_by_node.values())
-
-
-def _ratio_for_macs(analysis: Analysis, macs_by_node: dict[str, int], target: float) -> float:
-    """Per-group --ratio whose model keeps about `target` of the MACs (bisection)."""
-    low, high = 0.01, 1.0
-    for _ in range(30):
-        middle = (low + high) / 2
-        if _predicted_macs(analysis, macs_by_node, middle, 1) < target:
-            low = middle
-        else:
-            high = middle
-    return high
-
-
 def bench_latency(names: list[str], targets: list[float], rounds: list[int],
-                  repeats: int) -> None:
+                  allocations: list[str], repeats: int) -> None:
+    """Latency of models made with `--flops R` for each allocation and `--round-to`, against
+    the original (widths from 128 calibration samples; compensation does not change them)."""
     print(f"\n== ORT CPU latency, compressed vs original (median of {repeats}) ==")
     for name in names:
         path, batches = model_and_batches(name, 32, 4 if name == "crepe-full" else 1)
         saved = calibrate_statistics(path, iter(batches), calib_samples=128, verify_samples=0,
                                      provider="cpu")
-        original = load_model(path)
-        analysis = analyze(original)
-        macs_by_node = dict(model_cost(analysis.graph.model).macs_by_node)
-        before = model_cost(original).macs
-        sessions = {"original": open_session(original, "cpu")}
+        before = model_cost(load_model(path)).macs
+        sessions = {"original": open_session(load_model(path), "cpu")}
         for target in targets:
-            ratio = _ratio_for_macs(analysis, macs_by_node, target)
-            for round_to in rounds:
-                model, report = compress(path, None, statistics=saved, ratio=ratio,
-                                         round_to=round_to)
-                kept = report.cost_after.macs / before
-                predicted = _predicted_macs(analysis, macs_by_node, ratio, round_to)
-                sessions[f"MACs {kept:.3f} (predicted {predicted:.3f}, target {target}, ratio "
-                         f"{ratio:.3f}, round-to {round_to})"] = open_session(model, "cpu")
+            for allocation in allocations:
+                for round_to in rounds:
+                    model, report = compress(path, None, statistics=saved, flops=target,
+                                             allocation=allocation, round_to=round_to)
+                    kept = report.cost_after.macs / before
+                    sessions[f"MACs {kept:.3f} (--flops {target} --allocation {allocation} "
+                             f"--round-to {round_to})"] = open_session(model, "cpu")
         for batch in (1, 32):
             feeds = {key: value[:batch] for key, value in batches[0].items()}
             for session in sessions.values():
@@ -449,7 +417,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--memory-samples", type=int, nargs=2, default=[500, 5000])
     parser.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--round-to", type=int, nargs="+", default=[0, 1, 16],
+                        help="latency section: --round-to values (0: automatic, the default)")
+    parser.add_argument("--allocations", nargs="+", default=["greedy", "uniform"],
+                        choices=["greedy", "uniform", "dof"],
+                        help="latency section: --allocation values (greedy: the default)")
     parser.add_argument("--gram-budget", type=float, nargs="+", default=[0.05, 0.0],
                         help="calib section: --gram-budget values to measure")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
@@ -471,7 +443,8 @@ def main() -> None:
         elif section == "memory":
             bench_memory(args.memory_samples)
         elif section == "latency":
-            bench_latency(names, args.macs, args.round_to, max(5, args.repeats))
+            bench_latency(names, args.macs, args.round_to, args.allocations,
+                          max(5, args.repeats))
         elif section == "e2e":
             bench_end_to_end()
         elif section == "gpu":
