@@ -83,10 +83,11 @@ class CostModel:
 
 
 #: Automatic width rounding (`round_to` 0): groups of at least AUTO_ROUND_MIN channels keep a
-#: multiple of AUTO_ROUND_TO. Measured by tools/bench_speed.py (CREPE full, MACs kept 0.54,
-#: batch 1, ONNX Runtime CPU): widths rounded to 8 run 2.29x faster than the original, unrounded
-#: widths 0.97x (they miss ONNX Runtime's blocked convolution kernels); 16 and 32 gave 1.97x and
-#: 1.85x for slightly more MACs.
+#: multiple of AUTO_ROUND_TO. Measured by tools/bench_speed.py (ONNX Runtime CPU, models made by
+#: --flops 0.5 with greedy widths, batch 32): CREPE full runs 1.79x faster than the original with
+#: rounding to 8, 1.13x with unrounded widths (they miss ONNX Runtime's blocked convolution
+#: kernels), 1.83x rounded to 16 for the same MACs; ResNet-50 1.81x / 1.30x / 1.91x. 8 keeps the
+#: widths (and the budget) finest among the fast settings.
 AUTO_ROUND_TO = 8
 AUTO_ROUND_MIN = 64
 
