@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import large
 from .analysis import Analysis, Tap, analyze
 from .calibrate import Statistics, calibrate
 from .compensate import compensated_plans
@@ -36,6 +37,7 @@ from .graph import load_model
 from .group_cost import group_costs
 from .instrument import Instrumented, instrument
 from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
+from .refit import MAX_FEATURES, refit_pruned
 from .report import GroupReport, Report
 from .rewrite import rewrite
 from .runtime import Provider
@@ -91,6 +93,11 @@ class CompressOptions:
     """Affine reconstruction: offset folded into the sinks' biases (compensated taps too)."""
     compensation_samples: int = 1000
     """Calibration samples (the first ones) each compensation pass runs through both models."""
+    refit: bool = True
+    """Refit the linear layers downstream of the pruning toward the original's outputs
+    (`refit.py`); needs calibration batches (not saved statistics)."""
+    refit_features: int = MAX_FEATURES
+    """Layers whose receptive field has more input features are not refitted (cost ~ d^2)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -101,7 +108,7 @@ class CompressOptions:
             raise OptionsError(f"--ridge {self.ridge}: must be > 0")
         if self.round_to < 0:
             raise OptionsError(f"--round-to {self.round_to}: must be >= 0 (0: automatic)")
-        for name in ("batch_size", "calib_samples", "compensation_samples"):
+        for name in ("batch_size", "calib_samples", "compensation_samples", "refit_features"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                    "must be >= 1")
@@ -193,6 +200,10 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         notes.append("sequential compensation was skipped: it needs calibration batches (not "
                      "saved statistics) and does not yet handle Concat/Split groups; the "
                      "reconstructions use parallel statistics")
+    refitting = options.refit and options.reconstruct and saved is None
+    if refitting and large.is_large(original):
+        refitting = False
+        notes.append("the layer refit was skipped: it does not yet handle models past 2 GiB")
     with clock("calibrate"):
         instrumented = instrument(analysis.graph, analysis.taps,
                                   gram_strides(analysis.graph, analysis.taps, options.gram_budget,
@@ -208,7 +219,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
             n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
                                              options.verify_samples)
             calibration = stream.take(n_calib, batch)
-            if compensating:  # the first batches are read again by every compensation pass
+            if compensating or refitting:  # the first batches are read again by each pass
                 calibration = _teed(calibration, options.compensation_samples, first_batches)
             gathered = (calibrate(instrumented, calibration, options.provider,
                                   total_samples=n_calib, progress=options.progress)
@@ -227,7 +238,14 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
             planned = plan_groups(analysis, gathered, plan_options, costs)
     with clock("rewrite"):
         compressed = rewrite(analysis, [item.plan for item in planned])
-        _stamp(compressed, original, options)
+    if refitting and first_batches:
+        with clock("refit"):
+            compressed, refit_notes = refit_pruned(analysis, compressed,
+                                                   [item.plan for item in planned],
+                                                   first_batches, options.provider,
+                                                   options.ridge, options.refit_features)
+        notes.extend(refit_notes)
+    _stamp(compressed, original, options)
     with clock("verify"):
         verification, group_errors = _verify(original, compressed, instrumented, planned,
                                              held_out, options)

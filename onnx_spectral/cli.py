@@ -140,8 +140,17 @@ def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOpt
     compensation.add_argument("--no-compensation", dest="compensation", action="store_false")
     parser.add_argument("--compensation-samples", type=int,
                         default=defaults.compensation_samples,
-                        help="calibration samples each compensation pass runs "
+                        help="calibration samples each compensation and refit pass runs "
                              "(default %(default)s)")
+    refit = parser.add_mutually_exclusive_group()
+    refit.add_argument("--refit", dest="refit", action="store_true", default=defaults.refit,
+                       help="refit the Conv/Gemm/MatMul layers downstream of the pruning (whole "
+                            "kernels and biases) toward the original's outputs (one extra pass "
+                            "per layer; default on)")
+    refit.add_argument("--no-refit", dest="refit", action="store_false")
+    parser.add_argument("--refit-features", type=int, default=defaults.refit_features,
+                        help="layers with more input features (channels x kernel) are not "
+                             "refitted: the fit costs rows x features^2 (default %(default)s)")
     parser.add_argument("--affine", action="store_true",
                         help="affine reconstruction: fold a per-channel offset into the sinks' "
                              "biases (compensated layers included)")
@@ -172,7 +181,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         progress=sys.stderr.isatty(), require_prunable=not args.allow_unchanged,
         gram_budget=args.gram_budget, flops=args.flops, params=args.params,
         allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
-        compensation_samples=args.compensation_samples, affine=args.affine,
+        compensation_samples=args.compensation_samples, affine=args.affine, refit=args.refit,
+        refit_features=args.refit_features,
     )
     if args.calib is None and args.stats is None:
         raise OptionsError("give --calib DATA, or --stats STATS.npz written by `onnx-spectral "

@@ -89,13 +89,15 @@ def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> No
         output = open_session(compressed, "cpu").run(None, {"x": test})[0]
         return float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
 
-    parallel = error(ratio=0.5, compensation=False)
-    sequential = error(ratio=0.5, compensation=True)
-    affine = error(ratio=0.5, compensation=True, affine=True)
+    parallel = error(ratio=0.5, compensation=False, refit=False)
+    sequential = error(ratio=0.5, compensation=True, refit=False)
+    affine = error(ratio=0.5, compensation=True, affine=True, refit=False)
+    refit = error(ratio=0.5)  # the defaults: compensation, then the layer refit
     print(f"relative output error: parallel {parallel:.4f}, sequential {sequential:.4f}, "
-          f"sequential affine {affine:.4f}")
+          f"sequential affine {affine:.4f}, sequential + refit {refit:.4f}")
     assert sequential < parallel
     assert affine < parallel
+    assert refit < sequential
     assert error(ratio=1.0, compensation=True, ridge=1e-9) < 1e-4
 
 

@@ -27,7 +27,9 @@ from tests.graphs import CHANNELS, HEAD_SIZE
 KEPT = math.ceil(0.5 * CHANNELS)  # 4 of 7
 CALIB = 48
 VERIFY = 16
-FAST = {"provider": "cpu", "calib_samples": CALIB, "verify_samples": VERIFY, "batch_size": 32}
+#: Without the layer refit: these tests check the reconstruction folded into each sink.
+FAST = {"provider": "cpu", "calib_samples": CALIB, "verify_samples": VERIFY, "batch_size": 32,
+        "refit": False}
 
 Shapes = Mapping[tuple[str, int], tuple[int, ...]]
 """(node name, input position) -> shape of that constant input after compression at 0.5."""

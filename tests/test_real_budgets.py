@@ -53,7 +53,7 @@ def test_crepe_tiny_at_35_percent_of_the_macs() -> None:
     # widths are multiples of 8 for groups of >= 64 channels (automatic rounding): the budget
     # is met within one such step (measured 0.3160 kept)
     assert 0.30 <= kept <= 0.35
-    assert metrics.raw_pitch_accuracy >= 0.83
+    assert metrics.raw_pitch_accuracy >= 0.90  # the target (measured 99.1%)
 
 
 def test_crepe_full_at_a_quarter_of_the_macs() -> None:

@@ -8,7 +8,8 @@ MAC budget (fraction of the whole model's MACs kept, `--flops`). Task metrics: M
 accuracy (10,000 images); CREPE raw pitch accuracy (RPA) and median cents error on 2,000 fresh
 tones. The stages are run once per model where the statistics are the same: one analysis, one
 calibration (its statistics serve every method), one cost model; each method then only plans
-(selection, widths, and its compensation passes when it has them) and rewrites. The acceptance
+(selection, widths, and its compensation passes when it has them), rewrites and, with
+"refit", refits the layers downstream of the pruning. The acceptance
 budgets (MNIST 0.07, CREPE tiny 0.35, CREPE full 0.25) are added to the budgets of their model.
 """
 
@@ -35,10 +36,11 @@ from onnx_spectral.graph import load_model
 from onnx_spectral.group_cost import GroupCosts, group_costs
 from onnx_spectral.instrument import instrument
 from onnx_spectral.plan import PlanOptions, plan_groups
+from onnx_spectral.refit import refit_pruned
 from onnx_spectral.rewrite import rewrite
 
 DEFAULTS = CompressOptions()
-# name -> PlanOptions fields (plus "compensation"); budgets come from --budgets.
+# name -> PlanOptions fields (plus "compensation" and "refit"); budgets come from --budgets.
 METHODS: dict[str, dict[str, Any]] = {
     "random channels": {"selection": "random", "reconstruct": False},
     "L1-norm, no reconstruction": {"selection": "l1", "reconstruct": False},
@@ -54,8 +56,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "spectral, greedy + compensation": {"allocation": "greedy", "compensation": True},
     "spectral, greedy + compensation + cross selection": {
         "allocation": "greedy", "compensation": True, "cross_selection": True},
+    "spectral, uniform + compensation + refit": {"compensation": True, "refit": True},
+    "spectral, greedy + compensation + refit": {"allocation": "greedy", "compensation": True,
+                                                "refit": True},
     "defaults": {"theta": DEFAULTS.theta, "rho": DEFAULTS.ridge,
-                 "allocation": DEFAULTS.allocation, "compensation": DEFAULTS.compensation},
+                 "allocation": DEFAULTS.allocation, "compensation": DEFAULTS.compensation,
+                 "refit": DEFAULTS.refit},
 }
 TORCH_PRUNING = ("Torch-Pruning magnitude (its model)", "Torch-Pruning channels, exact surgery")
 ACCEPTANCE = {"mnist": 0.07, "crepe-tiny": 0.35, "crepe-full": 0.25}
@@ -137,7 +143,8 @@ def shared_stages(task: Task) -> Stages:
 def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
                   ) -> tuple[onnx.ModelProto, float]:
     """The model at `flops` MACs kept with one method's settings; and the MACs kept."""
-    fields = {key: value for key, value in settings.items() if key != "compensation"}
+    fields = {key: value for key, value in settings.items()
+              if key not in ("compensation", "refit")}
     fields.setdefault("rho", DEFAULTS.ridge)
     fields.setdefault("theta", DEFAULTS.theta)
     options = PlanOptions(flops=flops, **fields)
@@ -147,8 +154,12 @@ def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
     else:
         planned = plan_groups(stages.analysis, stages.statistics, options, stages.costs)
     widths = [int(item.plan.kept.size) for item in planned]
-    return (rewrite(stages.analysis, [item.plan for item in planned]),
-            stages.costs.macs(widths) / stages.costs.macs.full)
+    plans = [item.plan for item in planned]
+    model = rewrite(stages.analysis, plans)
+    if settings.get("refit") and options.reconstruct:
+        model, _ = refit_pruned(stages.analysis, model, plans, stages.compensation_batches,
+                                "cpu", options.rho)
+    return model, stages.costs.macs(widths) / stages.costs.macs.full
 
 
 def bench(name: str, budgets: list[float], methods: list[str],

@@ -1,0 +1,104 @@
+"""Layer refit (`refit.py`): receptive fields, exact recovery, and when a layer is left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnx_spectral import compress
+from onnx_spectral.refit import _patches, refit_layers
+from onnx_spectral.runtime import open_session
+from tests.graphs import GraphBuilder
+
+
+@pytest.mark.parametrize(("kernel", "pads", "strides", "dilations"),
+                         [((3, 3), (1, 1, 1, 1), (1, 1), (1, 1)),
+                          ((3, 2), (0, 1, 2, 0), (2, 1), (1, 2)),
+                          ((5, 1), (2, 0, 2, 0), (1, 1), (1, 1))])
+def test_receptive_fields_times_the_kernel_are_the_convolution(
+        kernel: tuple[int, int], pads: tuple[int, ...], strides: tuple[int, int],
+        dilations: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(kernel),
+                            pads=list(pads), strides=list(strides), dilations=list(dilations))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, None)],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = open_session(model, "cpu").run(None, {"x": x})[0]
+    patches = _patches(x, node, kernel)
+    got = (patches @ w.reshape(4, -1).T).reshape(2, *expected.shape[2:], 4)
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected, rtol=1e-4, atol=1e-4)
+
+
+def _chain(seed: int = 0) -> onnx.ModelProto:
+    """x [N,3,8,8] -> conv1 (8) -> Relu -> conv2 (6) -> Relu -> conv3 (4) -> y."""
+    b = GraphBuilder(seed)
+    t = b.node("Relu", [b.conv("x", "conv1", 3, 8)], "relu1")
+    t = b.node("Relu", [b.conv(t, "conv2", 8, 6)], "relu2")
+    b.conv(t, "conv3", 6, 4)
+    return b.model([("x", ["N", 3, 8, 8])], [("conv3", ["N", 4, 8, 8])])
+
+
+def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def test_a_layer_recovers_weights_that_reproduce_the_original_exactly() -> None:
+    """conv2 is perturbed in the 'pruned' model; nothing upstream changed, so its input is the
+    original's and the refit finds weights (and bias) giving the original output exactly."""
+    original = _chain()
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(original)
+    for tensor in pruned.graph.initializer:
+        if tensor.name in ("conv2_w", "conv2_b"):
+            value = onnx.numpy_helper.to_array(tensor) * 1.7 + 0.1
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    batches = _batches(4, seed=1)
+    # conv2 reads relu1: "changed" makes it (and conv3) a layer to refit
+    refitted, notes = refit_layers(original, pruned, {}, ["relu1"], batches, "cpu", rho=1e-9)
+    assert notes == ["layer refit: 2 layers refitted toward the original's outputs"]
+    test = _batches(1, seed=2)[0]
+    want = open_session(original, "cpu").run(None, test)[0]
+    got = open_session(refitted, "cpu").run(None, test)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    onnx.checker.check_model(refitted)
+
+
+def test_layers_too_wide_or_short_of_rows_are_left_with_a_reason() -> None:
+    original = _chain()
+    batches = _batches(1, seed=1)  # 16 samples x 64 positions = 1,024 rows
+    _, notes = refit_layers(original, original, {}, ["relu1"], batches, "cpu",
+                            max_features=60)
+    assert notes == ["layer refit: 1 layer refitted toward the original's outputs",
+                     "layer 'conv2' not refitted: 72 input features (more than 60)"]
+    _, notes = refit_layers(original, original, {}, ["relu1"], batches, "cpu",
+                            rows_per_feature=20)
+    assert notes[0] == ("layer 'conv2' not refitted: 1024 calibration rows for 72 input "
+                        "features (fewer than 20 per feature)")
+
+
+def test_refit_is_on_by_default_and_lowers_the_error_of_a_pruned_chain() -> None:
+    model = _chain(seed=3)
+    rng = np.random.default_rng(4)
+    data = {"x": rng.standard_normal((300, 3, 8, 8)).astype(np.float32)}
+    test = {"x": rng.standard_normal((100, 3, 8, 8)).astype(np.float32)}
+    reference = open_session(model, "cpu").run(None, test)[0]
+
+    def error(**options: object) -> tuple[float, tuple[str, ...]]:
+        compressed, report = compress(model, data, ratio=0.5, provider="cpu",
+                                      calib_samples=300, verify_samples=0, **options)
+        output = open_session(compressed, "cpu").run(None, test)[0]
+        return (float(np.linalg.norm(output - reference) / np.linalg.norm(reference)),
+                report.warnings)
+
+    with_refit, notes = error()
+    without, _ = error(refit=False)
+    print(f"relative output error: refit {with_refit:.4f}, without {without:.4f}")
+    assert with_refit < 0.9 * without
+    assert "layer refit: 2 layers refitted toward the original's outputs" in notes
