@@ -168,7 +168,7 @@ def _side_by_side(original: onnx.ModelProto, instrumented: Instrumented, batches
         action(marks)
         times[label].append(time.perf_counter() - start)
         times["steady " + label].append(marks[-1] - marks[1])
-    return {label: min(values[2:]) for label, values in times.items()}  # first: warm-up
+    return {label: min(values[1:]) for label, values in times.items()}  # first: warm-up
 
 
 #: Calibration samples the strides are sized for, and the Gram budget of the gpu section: the
