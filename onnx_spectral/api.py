@@ -200,8 +200,12 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         notes.append("sequential compensation was skipped: it needs calibration batches (not "
                      "saved statistics) and does not yet handle Concat/Split groups; the "
                      "reconstructions use parallel statistics")
-    refitting = options.refit and options.reconstruct and saved is None
-    if refitting and large.is_large(original):
+    refitting = options.refit and options.reconstruct and bool(analysis.prunable)
+    if refitting and saved is not None:
+        refitting = False
+        notes.append("the layer refit was skipped: it needs calibration batches, not saved "
+                     "statistics")
+    elif refitting and large.is_large(original):
         refitting = False
         notes.append("the layer refit was skipped: it does not yet handle models past 2 GiB")
     with clock("calibrate"):
