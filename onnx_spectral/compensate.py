@@ -138,7 +138,7 @@ def _rows(tensor: str, axis: int, rank: int, channels: int, prefix: str
     return nodes, shape, prefix + "rows"
 
 
-def _needed(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
+def needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
     """The nodes `outputs` depend on, in their original order."""
     producer = {name: index for index, node in enumerate(nodes) for name in node.output}
     wanted: set[int] = set()
@@ -198,7 +198,7 @@ def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap
             helper.make_tensor_value_info(names.sum_pruned, TensorProto.FLOAT, [tap.channels]),
         ]
         outputs.append(names)
-    kept = _needed(all_nodes, [name for out in outputs for name in out.names])
+    kept = needed_nodes(all_nodes, [name for out in outputs for name in out.names])
     used = {name for node in kept for name in node.input}
     inputs = list(original.graph.input)
     if cached:

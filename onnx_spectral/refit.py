@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .analysis import Analysis
+from .compensate import needed_nodes
 from .data import FeedDict
 from .graph import attributes
 from .rewrite import GroupPlan
@@ -134,18 +135,10 @@ def _rows(node: onnx.NodeProto, inputs: np.ndarray, outputs: np.ndarray, kernel:
 
 def _submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     """`model` computing only `outputs` (float tensors), with only the nodes they need."""
-    nodes = list(model.graph.node)
-    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
-    wanted: set[int] = set()
-    stack = [producer[name] for name in outputs if name in producer]
-    while stack:
-        index = stack.pop()
-        if index not in wanted:
-            wanted.add(index)
-            stack.extend(producer[name] for name in nodes[index].input if name in producer)
-    used = {name for index in wanted for name in nodes[index].input}
+    nodes = needed_nodes(list(model.graph.node), outputs)
+    used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(
-        [node for index, node in enumerate(nodes) if index in wanted], model.graph.name,
+        nodes, model.graph.name,
         [value for value in model.graph.input if value.name in used or value.name in outputs],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
         [tensor for tensor in model.graph.initializer if tensor.name in used])
