@@ -44,6 +44,8 @@ MAX_FEATURES = 2048
 #: fell from 95.0% to 93.5%; with 8, CREPE tiny at --flops 0.35 kept its last two layers and
 #: reached 94.3% raw pitch accuracy instead of 99.1%.
 ROWS_PER_FEATURE = 4
+import os
+RELAX_PASSES = int(os.environ.get('RELAX', '0'))
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,14 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
             notes.append(f"layer '{node.name}' not refitted: {statistics}")
             continue
         gram, cross = statistics
-        _write(model, layer, _solve(gram, cross, layer, rho))
+        solution = _solve(gram, cross, layer, rho)
+        pool = _rectified(model, node)
+        if pool is not None:
+            for _ in range(RELAX_PASSES):
+                cross = _relaxed_cross(model, original, layer, kept_rows.get(node.name),
+                                       batches, provider, solution, pool)
+                solution = _solve(gram, cross, layer, rho)
+        _write(model, layer, solution)
         refitted += 1
     if refitted:
         notes.insert(0, f"layer refit: {refitted} layer{'s' if refitted > 1 else ''} refitted "
@@ -248,6 +257,67 @@ def _accumulate(model: onnx.ModelProto, original: onnx.ModelProto, layer: _Layer
     if gram is None or cross is None:
         return "no calibration batches"
     return gram, cross
+
+
+def _rectified(model: onnx.ModelProto, node: onnx.NodeProto):
+    def reader(name):
+        readers = [other for other in model.graph.node if name in other.input]
+        outputs = {value.name for value in model.graph.output}
+        return readers[0] if len(readers) == 1 and name not in outputs else None
+    relu = reader(node.output[0])
+    if relu is None or relu.op_type != "Relu":
+        return None
+    pool = reader(relu.output[0])
+    if os.environ.get("POOL", "0") == "1" and pool is not None and pool.op_type == "MaxPool":
+        attrs = attributes(pool)
+        k = list(attrs.get("kernel_shape", []))
+        if list(attrs.get("strides", [1, 1])) == k and not any(attrs.get("pads", [0])) and len(k) == 2 and not attrs.get("ceil_mode", 0) and not any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            return tuple(k)
+    return ()
+
+
+def _relax(target, predicted, pool):
+    """target, predicted: [N, C, H, W] or [N, C]"""
+    if not pool:
+        return np.where(target > 0, target, np.minimum(predicted, 0))
+    kh, kw = pool
+    n, c, h, w = target.shape
+    hh, ww = h // kh, w // kw
+    out = predicted.copy()  # positions outside windows: free
+    t = target[:, :, :hh * kh, :ww * kw].reshape(n, c, hh, kh, ww, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, hh, ww, kh * kw)
+    p = predicted[:, :, :hh * kh, :ww * kw].reshape(n, c, hh, kh, ww, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, hh, ww, kh * kw)
+    m = np.maximum(t.max(-1, keepdims=True), 0)
+    relaxed = np.minimum(p, m)
+    arg = t.argmax(-1)[..., None]
+    np.put_along_axis(relaxed, arg, np.where(np.take_along_axis(t, arg, -1) > 0, np.take_along_axis(t, arg, -1), np.minimum(np.take_along_axis(p, arg, -1), 0)), -1)
+    relaxed = relaxed.reshape(n, c, hh, ww, kh, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, hh * kh, ww * kw)
+    out[:, :, :hh * kh, :ww * kw] = relaxed
+    return out
+
+
+def _relaxed_cross(model, original, layer, rows, batches, provider, solution, pool):
+    node = layer.node
+    weight = _constant(model, node.input[1])
+    kernel = weight.shape[2:] if node.op_type == "Conv" else ()
+    cross = np.zeros_like(solution)
+    inputs = _run(model, node.input[0], batches, provider)
+    targets = _run(original, node.output[0], batches, provider)
+    for values, wanted in zip(inputs, targets, strict=True):
+        if rows is not None:
+            wanted = np.take(wanted, rows, axis=1 if node.op_type == "Conv" else -1)
+        features, target = _rows(node, values, wanted, kernel)
+        if layer.bias:
+            features = np.hstack([features, np.ones((len(features), 1), dtype=np.float32)])
+        predicted = features @ solution.astype(np.float32)
+        if node.op_type == "Conv":
+            shape = (wanted.shape[0], wanted.shape[2], wanted.shape[3], wanted.shape[1])
+            pred4 = np.moveaxis(predicted.reshape(shape), -1, 1)
+            relaxed = _relax(wanted.astype(np.float32), pred4, pool)
+            target = np.moveaxis(relaxed, 1, -1).reshape(-1, wanted.shape[1])
+        else:
+            target = _relax(target, predicted, ())
+        cross += features.T @ target
+    return cross
 
 
 def _outputs(node: onnx.NodeProto, weight: np.ndarray) -> int:

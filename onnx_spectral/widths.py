@@ -90,14 +90,19 @@ class CostModel:
 #: widths (and the budget) finest among the fast settings.
 AUTO_ROUND_TO = 8
 AUTO_ROUND_MIN = 64
+#: Automatic rounding leaves kept widths below this unrounded: rounding 11 channels down to 8
+#: is a quarter of the layer. MNIST CNN at --flops 0.07: rounding every width of its 64-channel
+#: group forced it to 8 channels and 97.9% accuracy; from 16 up, it keeps 11 and scores 98.4%.
+AUTO_ROUND_FROM = 16
 
 
-def round_step(m: int, round_to: int) -> int:
-    """The multiple a group of ``m`` channels is rounded to: ``round_to``, or for 0 (automatic)
-    AUTO_ROUND_TO when ``m >= AUTO_ROUND_MIN`` and 1 otherwise."""
+def round_step(m: int, round_to: int, width: int) -> int:
+    """The multiple a width of ``width`` channels in a group of ``m`` is rounded up to:
+    ``round_to``, or for 0 (automatic) AUTO_ROUND_TO when ``m >= AUTO_ROUND_MIN`` and
+    ``width >= AUTO_ROUND_FROM``, else 1."""
     if round_to:
         return round_to
-    return AUTO_ROUND_TO if m >= AUTO_ROUND_MIN else 1
+    return AUTO_ROUND_TO if m >= AUTO_ROUND_MIN and width >= AUTO_ROUND_FROM else 1
 
 
 def round_width(m: int, width: float, round_to: int, min_keep: int) -> int:
@@ -106,8 +111,8 @@ def round_width(m: int, width: float, round_to: int, min_keep: int) -> int:
 
     A ``1e-9`` tolerance keeps ``ceil(3.0000000001)`` at 3.
     """
-    step = round_step(m, round_to)
     rounded = max(math.ceil(width - 1e-9), min(max(min_keep, 1), m))
+    step = round_step(m, round_to, rounded)
     rounded = -(-rounded // step) * step
     return int(min(rounded, m))
 
@@ -237,7 +242,7 @@ def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray]
             if widths[g] >= sizes[g]:
                 continue
             grown = widths.copy()
-            grown[g] = min(widths[g] + round_step(int(sizes[g]), round_to), sizes[g])
+            grown[g] = round_width(int(sizes[g]), widths[g] + 1, round_to, min_keep)
             added = cost(grown)
             if added > budget:
                 continue
@@ -247,5 +252,5 @@ def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray]
                 best, best_rate, best_cost = g, rate, added
         if best < 0:
             return widths
-        widths[best] = min(widths[best] + round_step(int(sizes[best]), round_to), sizes[best])
+        widths[best] = round_width(int(sizes[best]), widths[best] + 1, round_to, min_keep)
         current = best_cost
