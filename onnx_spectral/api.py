@@ -247,7 +247,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
             compressed, refit_notes = refit_pruned(analysis, compressed,
                                                    [item.plan for item in planned],
                                                    first_batches, options.provider,
-                                                   options.ridge, options.refit_features)
+                                                   options.refit_features)
         notes.extend(refit_notes)
     _stamp(compressed, original, options)
     with clock("verify"):

@@ -33,7 +33,6 @@ from .select import (
     l1_norm_order,
     loss_weight,
     reconstruction,
-    uniform_width,
 )
 from .widths import (
     Allocation,
@@ -42,7 +41,7 @@ from .widths import (
     allocate_uniform,
     degrees_of_freedom,
     normalized_spectrum,
-    round_step,
+    round_width,
 )
 
 Selection = Literal["spectral", "l1", "random"]
@@ -203,10 +202,8 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
     groups = analysis.base_groups
     paths: dict[int, GreedyPath] = {}
     if not options.budgeted:
-        return np.array([max(uniform_width(g.channels, options.ratio,
-                                           round_step(g.channels, options.round_to)),
-                             min(options.min_keep, g.channels)) for g in groups],
-                        dtype=np.int64), paths
+        return np.array([round_width(g.channels, options.ratio * g.channels, options.round_to,
+                                     options.min_keep) for g in groups], dtype=np.int64), paths
     assert costs is not None
     model = costs.macs if options.flops is not None else costs.params
     fraction = options.flops if options.flops is not None else options.params
@@ -246,8 +243,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     channels join its own taps in the selection (their reconstruction is the derived group's).
     """
     if width is None:
-        width = uniform_width(group.channels, options.ratio,
-                              round_step(group.channels, options.round_to))
+        width = round_width(group.channels, options.ratio * group.channels, options.round_to, 1)
     if width == group.channels and compensation is None:
         kept = np.arange(group.channels)  # nothing is dropped: nothing to reconstruct (exact)
         identity = _dropping(group.channels, kept)

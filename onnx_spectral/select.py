@@ -419,26 +419,6 @@ def greedy_select(problems: Sequence[TapProblem], k: int) -> GreedyPath:
     return GreedyPath(order=order, losses=losses)
 
 
-def uniform_width(m: int, ratio: float, round_to: int = 1) -> int:
-    """Width kept by the ``uniform`` rule: ``ceil(ratio * m)`` rounded up to ``round_to``.
-
-    ``ratio * m`` is taken with a ``1e-9`` tolerance so that e.g. ``0.3 * 10`` gives 3, not 4.
-    The result is clipped to ``[1, m]``.
-
-    Raises:
-        OptionsError: ``m < 1``, ``ratio`` outside ``(0, 1]`` or ``round_to < 1``.
-    """
-    if m < 1:
-        raise OptionsError(f"m must be >= 1, got {m}")
-    if not (0.0 < ratio <= 1.0):
-        raise OptionsError(f"ratio must lie in (0, 1], got {ratio!r}")
-    if round_to < 1:
-        raise OptionsError(f"round_to must be >= 1, got {round_to}")
-    width = math.ceil(ratio * m - 1e-9)
-    width = -(-width // round_to) * round_to
-    return min(max(width, 1), m)
-
-
 def l1_norm_order(weight_rows: np.ndarray) -> np.ndarray:
     """Channels by decreasing L1 norm of the producer's output rows (Li et al. baseline).
 

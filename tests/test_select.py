@@ -18,8 +18,8 @@ from onnx_spectral.select import (
     l1_norm_order,
     loss_weight,
     reconstruction,
-    uniform_width,
 )
+from onnx_spectral.widths import round_width
 
 
 def _random_psd(rng: np.random.Generator, m: int, samples: int) -> np.ndarray:
@@ -309,16 +309,7 @@ def test_large_group_runs_quickly():
     ],
 )
 def test_uniform_width(m: int, ratio: float, round_to: int, expected: int):
-    assert uniform_width(m, ratio, round_to) == expected
-
-
-@pytest.mark.parametrize(
-    "m, ratio, round_to, text",
-    [(10, 0.0, 1, "0.0"), (10, 1.5, 1, "1.5"), (10, 0.5, 0, "round_to"), (0, 0.5, 1, "m must")],
-)
-def test_uniform_width_errors(m: int, ratio: float, round_to: int, text: str):
-    with pytest.raises(OptionsError, match=text):
-        uniform_width(m, ratio, round_to)
+    assert round_width(m, ratio * m, round_to, 1) == expected
 
 
 def test_l1_norm_order():
