@@ -56,7 +56,8 @@ class CompressOptions:
     theta: float = 0.5
     """Loss mix: 1 reconstructs the activation, 0 what the next layer computes."""
     ridge: float = 1e-3
-    """Relative ridge rho: lambda = rho * trace(Sigma) / m."""
+    """Relative ridge rho of the channel reconstructions: lambda = rho * trace(Sigma) / m (the
+    layer refit chooses its own by cross-validation)."""
     batch_size: int = 32
     calib_samples: int = 1000
     verify_samples: int = 200
@@ -66,8 +67,9 @@ class CompressOptions:
     seed: int = 0
     round_to: int = 0
     """Round kept widths up to a multiple of this; 0 (default) = `widths.AUTO_ROUND_TO` for
-    groups of at least `widths.AUTO_ROUND_MIN` channels, else 1 (tools/bench_speed.py: ONNX
-    Runtime's CPU convolutions run 2x faster on widths that are multiples of 8)."""
+    widths of at least `widths.AUTO_ROUND_FROM` in groups of at least `widths.AUTO_ROUND_MIN`
+    channels, else 1 (tools/bench_speed.py: ONNX Runtime's CPU convolutions run 2x faster on
+    widths that are multiples of 8)."""
     selection: Selection = "spectral"
     reconstruct: bool = True
     preprocess: Preprocess | None = None

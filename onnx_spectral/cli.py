@@ -86,8 +86,9 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="1: reconstruct activations; 0: reconstruct the next layer's "
                              "output (default %(default)s)")
     parser.add_argument("--ridge", type=float, default=defaults.ridge,
-                        help="relative ridge rho, lambda = rho * trace(Sigma)/m "
-                             "(default %(default)s)")
+                        help="relative ridge rho of the channel reconstructions, lambda = "
+                             "rho * trace(Sigma)/m (default %(default)s; the layer refit "
+                             "chooses its own by cross-validation)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
     parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
@@ -98,7 +99,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
                         help="round kept widths up to a multiple of this; 0 (default): 8 for "
-                             "groups of 64 channels or more, else 1")
+                             "widths of 16 or more in groups of 64 channels or more, else 1")
     parser.add_argument("--selection", choices=("spectral", "l1", "random"),
                         default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")
