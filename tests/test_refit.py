@@ -171,3 +171,33 @@ def test_relaxed_passes_lower_the_error_after_the_relu(monkeypatch: pytest.Monke
     plain = error()
     print(f"relative error after relu2: relaxed {relaxed:.4f}, plain {plain:.4f}")
     assert relaxed < plain
+
+
+def test_cached_activations_give_the_same_fit_as_running_the_models_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    original = _chain()
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(original)
+    for tensor in pruned.graph.initializer:
+        if tensor.name == "conv1_w":
+            value = onnx.numpy_helper.to_array(tensor).copy()
+            value[::2] = 0.0
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    batches = _batches(4, seed=1)
+    runs: list[str] = []
+    real_run = refit._run
+
+    def counted(model: onnx.ModelProto, name: str, *args: object) -> object:
+        runs.append(name)
+        return real_run(model, name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(refit, "_run", counted)
+    cached, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
+    # conv2 (read by a Relu: 1 + RELU_PASSES passes) and conv3: two models run once per layer
+    assert len(runs) == 4
+    monkeypatch.setattr(refit, "CACHE_BYTES", 0)
+    rerun, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
+    assert len(runs) == 4 + 2 * (1 + refit.RELU_PASSES) + 2
+    for a, b in zip(cached.graph.initializer, rerun.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a),
+                                      onnx.numpy_helper.to_array(b))
