@@ -61,7 +61,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "spectral, greedy + compensation + refit": {"allocation": "greedy", "compensation": True,
                                                 "refit": True},
     "defaults": {"theta": DEFAULTS.theta, "rho": DEFAULTS.ridge,
-                 "allocation": DEFAULTS.allocation, "compensation": DEFAULTS.compensation,
+                 "allocation": DEFAULTS.allocation, "round_to": DEFAULTS.round_to,
+                 "min_keep": DEFAULTS.min_keep, "compensation": DEFAULTS.compensation,
                  "refit": DEFAULTS.refit},
 }
 TORCH_PRUNING = ("Torch-Pruning magnitude (its model)", "Torch-Pruning channels, exact surgery")
@@ -174,7 +175,7 @@ def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
     model = rewrite(stages.analysis, plans)
     if settings.get("refit") and options.reconstruct:
         model, _ = refit_pruned(stages.analysis, model, plans, stages.compensation_batches,
-                                "cpu", options.rho)
+                                "cpu")
     return model, stages.costs.macs(widths) / stages.costs.macs.full
 
 
