@@ -57,8 +57,8 @@ ROWS_PER_FEATURE = 1
 #: Ridge values (times the mean feature energy) the cross-validation chooses from.
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 #: Relaxed refits of a layer read by a Relu. Measured at the defaults: CREPE tiny at --flops
-#: 0.35, 98.9% -> 99.35% raw pitch accuracy with 3 passes (refit 31 s -> 68 s);
-#: MNIST CNN at --flops 0.07, +0.03 to +0.26 points over four calibration sets.
+#: 0.35, 98.9% -> 99.3% raw pitch accuracy (refit 31 s -> 33 s with `CACHE_BYTES`); MNIST CNN
+#: at --flops 0.07, +0.03 to +0.26 points over four calibration sets.
 RELU_PASSES = 2
 #: Activations of one layer (its input and the original's output, all batches) kept in memory
 #: for the relaxed passes; past this, each pass runs the two models again.
