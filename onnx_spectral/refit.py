@@ -14,7 +14,8 @@ graph order, each from the model with the earlier refits applied. A full Conv ke
 not only a channel mix, so a layer can absorb errors its input carries across positions.
 
 The ridge is chosen per layer by two-fold cross-validation: the normal equations are summed
-separately over the first and the second half of every batch's samples, each half's fit is
+separately over the first and the second half of every batch's samples (batches of one sample
+alternate between the halves), each half's fit is
 scored on the other half for every value of `RIDGES`, and the best is refitted on both. A layer
 whose held-out error with every ridge is no lower than with its current weights keeps them.
 
@@ -82,14 +83,17 @@ class _Layer:
 @dataclass
 class _NormalEquations:
     """Least-squares statistics of one set of rows: ``gram`` [d', d'] (features x features),
-    ``cross`` [d', C_out] (features x targets), ``energy`` (sum of the squared targets)."""
+    ``cross`` [d', C_out] (features x targets), ``energy`` (sum of the squared targets),
+    ``rows`` (how many)."""
 
     gram: np.ndarray
     cross: np.ndarray
     energy: float
+    rows: int = 0
 
     def add(self, features: np.ndarray, targets: np.ndarray) -> None:
         """Add rows: features [n, d'], targets [n, C_out] (float32)."""
+        self.rows += len(features)
         self.gram += features.T @ features
         self.cross += features.T @ targets
         self.energy += float(np.einsum("ij,ij->", targets, targets, dtype=np.float64))
@@ -319,7 +323,7 @@ def _fit(rows: _LayerRows, rows_per_feature: int) -> np.ndarray | str:
     weight = _constant(rows.model, layer.node.input[1])
     assert weight is not None
     halves: list[_NormalEquations] | None = None
-    for features, target, samples in rows:
+    for batch, (features, target, samples) in enumerate(rows):
         if halves is None:
             if target.shape[1] != _outputs(layer.node, weight):
                 return ("the original channels its outputs keep are not known (a Concat or "
@@ -331,13 +335,18 @@ def _fit(rows: _LayerRows, rows_per_feature: int) -> np.ndarray | str:
             shapes = ((features.shape[1],) * 2, (features.shape[1], target.shape[1]))
             halves = [_NormalEquations(np.zeros(shapes[0]), np.zeros(shapes[1]), 0.0)
                       for _ in range(2)]
-        split = len(features) // samples * (samples // 2)  # the first half of the samples
-        halves[0].add(features[:split], target[:split])
-        halves[1].add(features[split:], target[split:])
+        if samples >= 2:  # the first and the second half of the batch's samples
+            split = len(features) // samples * (samples // 2)
+            halves[0].add(features[:split], target[:split])
+            halves[1].add(features[split:], target[split:])
+        else:  # batches of one sample alternate
+            halves[batch % 2].add(features, target)
     if halves is None:
         return "no calibration batches"
+    if min(half.rows for half in halves) == 0:
+        return "one calibration sample is too few to cross-validate the fit"
     both = _NormalEquations(halves[0].gram + halves[1].gram, halves[0].cross + halves[1].cross,
-                            halves[0].energy + halves[1].energy)
+                            halves[0].energy + halves[1].energy, halves[0].rows + halves[1].rows)
     ridge = _cross_validated_ridge(halves, layer, both.error(_current(rows.model, layer)))
     if ridge is None:
         return "no ridge fits held-out rows better than its current weights"
@@ -403,7 +412,10 @@ def _solve(gram: np.ndarray, cross: np.ndarray, layer: _Layer, rho: float) -> np
     regularized = gram.copy()
     ridge = rho * float(np.trace(gram[:d, :d])) / max(d, 1)
     regularized[np.arange(d), np.arange(d)] += max(ridge, np.finfo(np.float64).tiny)
-    return np.linalg.solve(regularized, cross)
+    try:
+        return np.linalg.solve(regularized, cross)
+    except np.linalg.LinAlgError:  # e.g. all rows of a half zero: least-norm solution
+        return np.linalg.lstsq(regularized, cross, rcond=None)[0]
 
 
 def _write(model: onnx.ModelProto, layer: _Layer, solution: np.ndarray) -> None:

@@ -37,7 +37,10 @@ def write_half(path, data):
     with open(path, "wb") as handle:
         handle.write(data[: len(data) // 2])
         handle.flush()
-    os.kill(os.getpid(), signal.SIGINT if mode == "sigint-mid-write" else signal.SIGKILL)
+    if mode == "sigint-mid-write":
+        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill may pick an ORT thread
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(30)
 
 def replace(source, target):

@@ -201,3 +201,22 @@ def test_cached_activations_give_the_same_fit_as_running_the_models_again(
     for a, b in zip(cached.graph.initializer, rerun.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a),
                                       onnx.numpy_helper.to_array(b))
+
+
+def test_batches_of_one_sample_alternate_between_the_halves() -> None:
+    """Eight batches of one sample: the halves of the cross-validation get four each and the
+    perturbed conv2 is refitted; a single sample cannot be cross-validated and is refused."""
+    original = _chain()
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(original)
+    for tensor in pruned.graph.initializer:
+        if tensor.name == "conv2_w":
+            tensor.CopyFrom(onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(tensor) * 1.5, tensor.name))
+    singles = [{"x": feeds["x"][i:i + 1]} for feeds in _batches(1, seed=1) for i in range(8)]
+    _, notes = refit_layers(original, pruned, {}, ["relu1"], singles, "cpu")
+    assert notes[0].startswith("layer refit: ")
+    _, notes = refit_layers(original, pruned, {}, ["relu1"], singles[:1], "cpu",
+                            rows_per_feature=0)
+    assert notes[0] == ("layer 'conv2' not refitted: one calibration sample is too few to "
+                        "cross-validate the fit")
