@@ -30,6 +30,8 @@ import os, signal, sys, time
 from onnx_spectral import atomic, cli
 
 mode, argv = sys.argv[1], sys.argv[2:]
+# a shell runs background jobs with SIGINT ignored; a user's Ctrl-C reaches the default handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_replace = os.replace
 renames = []
 
@@ -37,10 +39,7 @@ def write_half(path, data):
     with open(path, "wb") as handle:
         handle.write(data[: len(data) // 2])
         handle.flush()
-    if mode == "sigint-mid-write":
-        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill may pick an ORT thread
-    else:
-        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGINT if mode == "sigint-mid-write" else signal.SIGKILL)
     time.sleep(30)
 
 def replace(source, target):
