@@ -224,8 +224,8 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
 
     `kept_rows`: for a node whose output channels were pruned, the original channels it keeps
     ([k], ascending); other nodes keep all. `batches`: calibration feeds, read once per layer
-    (and once more per relaxed pass). Returns the refitted copy and notes on the layers left as
-    they were.
+    (and again per relaxed pass when its activations exceed `CACHE_BYTES`). Returns the
+    refitted copy and notes on the layers left as they were.
     """
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
