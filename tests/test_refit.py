@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
@@ -54,17 +56,29 @@ def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)} for _ in range(count)]
 
+def _changed(model: onnx.ModelProto, names: tuple[str, ...],
+             change: Callable[[np.ndarray], np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers `names` are replaced by `change` of their value."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.name in names:
+            value = change(onnx.numpy_helper.to_array(tensor).copy())
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    return copy
+
+
+def _half_of_conv1_dropped(weight: np.ndarray) -> np.ndarray:
+    weight[::2] = 0.0
+    return weight
+
+
 
 def test_a_layer_recovers_weights_that_reproduce_the_original_exactly() -> None:
     """conv2 is perturbed in the 'pruned' model; nothing upstream changed, so its input is the
     original's and the refit finds weights (and bias) giving the original output exactly."""
     original = _chain()
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(original)
-    for tensor in pruned.graph.initializer:
-        if tensor.name in ("conv2_w", "conv2_b"):
-            value = onnx.numpy_helper.to_array(tensor) * 1.7 + 0.1
-            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    pruned = _changed(original, ("conv2_w", "conv2_b"), lambda value: value * 1.7 + 0.1)
     batches = _batches(4, seed=1)
     # conv2 reads relu1: "changed" makes it (and conv3) a layer to refit
     refitted, notes = refit_layers(original, pruned, {}, ["relu1"], batches, "cpu")
@@ -78,12 +92,7 @@ def test_a_layer_recovers_weights_that_reproduce_the_original_exactly() -> None:
 
 def test_layers_too_wide_or_short_of_rows_are_left_with_a_reason() -> None:
     original = _chain()
-    perturbed = onnx.ModelProto()
-    perturbed.CopyFrom(original)
-    for tensor in perturbed.graph.initializer:
-        if tensor.name == "conv3_w":
-            tensor.CopyFrom(onnx.numpy_helper.from_array(
-                onnx.numpy_helper.to_array(tensor) * 0.5, tensor.name))
+    perturbed = _changed(original, ("conv3_w",), lambda value: value * 0.5)
     batches = _batches(1, seed=1)  # 16 samples x 64 positions = 1,024 rows
     _, notes = refit_layers(original, perturbed, {}, ["relu1"], batches, "cpu",
                             max_features=60)
@@ -149,13 +158,7 @@ def test_relaxed_passes_lower_the_error_after_the_relu(monkeypatch: pytest.Monke
     held-out data than with the plain fit."""
     original = _chain()
     original.graph.output.append(helper.make_tensor_value_info("relu2", 1, None))
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(original)
-    for tensor in pruned.graph.initializer:
-        if tensor.name == "conv1_w":
-            value = onnx.numpy_helper.to_array(tensor).copy()
-            value[::2] = 0.0
-            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    pruned = _changed(original, ("conv1_w",), _half_of_conv1_dropped)
     batches, test = _batches(8, seed=1), _batches(2, seed=2)
     want = np.concatenate([open_session(original, "cpu").run(["relu2"], feeds)[0]
                            for feeds in test])
@@ -176,13 +179,7 @@ def test_relaxed_passes_lower_the_error_after_the_relu(monkeypatch: pytest.Monke
 def test_cached_activations_give_the_same_fit_as_running_the_models_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     original = _chain()
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(original)
-    for tensor in pruned.graph.initializer:
-        if tensor.name == "conv1_w":
-            value = onnx.numpy_helper.to_array(tensor).copy()
-            value[::2] = 0.0
-            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    pruned = _changed(original, ("conv1_w",), _half_of_conv1_dropped)
     batches = _batches(4, seed=1)
     runs: list[str] = []
     real_run = refit._run
@@ -207,12 +204,7 @@ def test_batches_of_one_sample_alternate_between_the_halves() -> None:
     """Eight batches of one sample: the halves of the cross-validation get four each and the
     perturbed conv2 is refitted; a single sample cannot be cross-validated and is refused."""
     original = _chain()
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(original)
-    for tensor in pruned.graph.initializer:
-        if tensor.name == "conv2_w":
-            tensor.CopyFrom(onnx.numpy_helper.from_array(
-                onnx.numpy_helper.to_array(tensor) * 1.5, tensor.name))
+    pruned = _changed(original, ("conv2_w",), lambda value: value * 1.5)
     singles = [{"x": feeds["x"][i:i + 1]} for feeds in _batches(1, seed=1) for i in range(8)]
     _, notes = refit_layers(original, pruned, {}, ["relu1"], singles, "cpu")
     assert notes[0].startswith("layer refit: ")
