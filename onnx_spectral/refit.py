@@ -15,9 +15,9 @@ not only a channel mix, so a layer can absorb errors its input carries across po
 
 The ridge is chosen per layer by two-fold cross-validation: the normal equations are summed
 separately over the first and the second half of every batch's samples (batches of one sample
-alternate between the halves), each half's fit is
-scored on the other half for every value of `RIDGES`, and the best is refitted on both. A layer
-whose held-out error with every ridge is no lower than with its current weights keeps them.
+alternate between the halves), each half's fit is scored on the other half for every value of
+`RIDGES`, and the best is refitted on both. A layer whose held-out error with every ridge is no
+lower than with its current weights keeps them.
 
 A layer read only by a Relu is then refitted `RELU_PASSES` more times toward relaxed targets:
 where the original's output is negative, any negative output gives the same activation, so the
