@@ -15,6 +15,7 @@ from onnx_spectral.refit import (
     _Layer,
     _NormalEquations,
     _patches,
+    _solve,
     refit_layers,
 )
 from onnx_spectral.runtime import open_session
@@ -137,19 +138,40 @@ def _halves(features: np.ndarray, targets: np.ndarray) -> list[_NormalEquations]
 
 def test_cross_validation_refuses_a_fit_of_noise_and_takes_a_fit_of_signal() -> None:
     """40 rows for 30 features: a fit of targets unrelated to the features does worse on held-out
-    rows than zero weights, so no ridge is chosen; a fit of a linear map with noise is kept."""
+    rows than zero weights, so no ridge is chosen or only one large enough to keep the weights
+    near zero; a fit of a linear map with noise is kept."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((40, 30)).astype(np.float32)
     layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), 30, False, False)
     noise = rng.standard_normal((40, 5)).astype(np.float32)
     zero = np.zeros((30, 5))
     halves = _halves(features, noise)
-    assert _cross_validated_ridge(halves, layer, halves[0].error(zero) + halves[1].error(zero)) \
-        is None
+    ridge = _cross_validated_ridge(halves, layer, zero,
+                                   halves[0].error(zero) + halves[1].error(zero))
+    assert ridge is None or ridge >= 10.0
     signal = features @ rng.standard_normal((30, 5)).astype(np.float32) + 0.1 * noise
     halves = _halves(features, signal)
-    ridge = _cross_validated_ridge(halves, layer, halves[0].error(zero) + halves[1].error(zero))
+    ridge = _cross_validated_ridge(halves, layer, zero,
+                                   halves[0].error(zero) + halves[1].error(zero))
     assert ridge is not None and ridge <= 1e-1
+
+
+def test_the_ridge_pulls_toward_the_current_weights() -> None:
+    """A small ridge gives the least-squares fit, a large one the prior (the current weights);
+    with few noisy rows a good prior beats both the plain fit and shrinking toward zero."""
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((40, 30))
+    truth = rng.standard_normal((30, 5))
+    targets = features @ truth + 0.5 * rng.standard_normal((40, 5))
+    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), 30, False, False)
+    prior = truth + 0.05 * rng.standard_normal((30, 5))
+    gram, cross = features.T @ features, features.T @ targets
+    least_squares = np.linalg.solve(gram, cross)
+    np.testing.assert_allclose(_solve(gram, cross, layer, 1e-9, prior), least_squares, rtol=1e-5)
+    np.testing.assert_allclose(_solve(gram, cross, layer, 1e9, prior), prior, atol=1e-6)
+    pulled = np.linalg.norm(_solve(gram, cross, layer, 1.0, prior) - truth)
+    shrunk = np.linalg.norm(_solve(gram, cross, layer, 1.0, np.zeros_like(prior)) - truth)
+    assert pulled < 0.5 * min(shrunk, np.linalg.norm(least_squares - truth))
 
 
 def test_relaxed_passes_lower_the_error_after_the_relu(monkeypatch: pytest.MonkeyPatch) -> None:
