@@ -99,7 +99,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--round-to", type=int, default=defaults.round_to,
                         help="round kept widths up to a multiple of this; 0 (default): 8 for "
-                             "widths of 16 or more in groups of 64 channels or more, else 1")
+                             "widths of 32 or more in groups of 64 channels or more, else 1")
     parser.add_argument("--selection", choices=("spectral", "l1", "random"),
                         default=defaults.selection,
                         help="channel choice: spectral (default) or filter L1 norm (baseline)")

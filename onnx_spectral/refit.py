@@ -26,7 +26,8 @@ A layer read only by a Relu is then refitted `RELU_PASSES` more times toward rel
 where the original's output is negative, any negative output gives the same activation, so the
 target there becomes ``min(prediction, 0)``. Each pass is a majorize-minimize step on the error
 after the Relu (the Gram matrix majorizes its curvature), taken from a Nesterov-extrapolated
-point, which converges much faster than plain steps on these problems.
+point, which converges faster than plain steps (MNIST at --flops 0.07: the relaxed error of
+its second convolution after ten passes is 4% lower).
 
 A layer is left as it is (with the reason in the notes) when its receptive field has more than
 `max_features` features (the normal equations are ``d x d``) or the batches give fewer than

@@ -196,20 +196,21 @@ def test_both_budgets_are_refused() -> None:
         CompressOptions(allocation="best")  # type: ignore[arg-type]
 
 
-def test_automatic_rounding_keeps_multiples_of_eight_from_sixteen_up() -> None:
-    """round_to 0: in groups of >= 64 channels, widths below 16 stay as they are and grow by 1;
-    from 16 up they are multiples of 8 and grow by 8."""
+def test_automatic_rounding_keeps_multiples_of_eight_from_thirty_two_up() -> None:
+    """round_to 0: in groups of >= 64 channels, widths below 32 stay as they are and grow by 1;
+    from 32 up they are multiples of 8 and grow by 8."""
     assert round_width(128, 0.0, 0, 1) == 1
     assert round_width(128, 11.0, 0, 1) == 11
-    assert round_width(128, 15.5, 0, 1) == 16
-    assert round_width(128, 17.0, 0, 1) == 24
+    assert round_width(128, 23.0, 0, 1) == 23
+    assert round_width(128, 31.5, 0, 1) == 32
+    assert round_width(128, 33.0, 0, 1) == 40
     assert round_width(128, 41.0, 0, 1) == 48
     assert round_width(32, 21.0, 0, 1) == 21
     assert round_width(70, 69.0, 0, 1) == 70  # clipped to the group
     cost = CostModel(np.array([128, 32]), 0.0, (CostTerm(1.0, np.array([128.0, 32.0]),
                                                          np.array([[1.0, 0.0], [0.0, 1.0]])),))
-    for budget, small in ((0.3, False), (0.05, True)):
+    for budget, small in ((0.4, False), (0.1, True)):
         widths = allocate_greedy(cost, budget * cost.full, [np.linspace(1, 0, 129),
                                                              np.linspace(1, 0, 33)], round_to=0)
-        assert (widths[0] < 16) == small
-        assert widths[0] < 16 or widths[0] % 8 == 0
+        assert (widths[0] < 32) == small
+        assert widths[0] < 32 or widths[0] % 8 == 0
