@@ -57,6 +57,7 @@ def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)} for _ in range(count)]
 
+
 def _changed(model: onnx.ModelProto, names: tuple[str, ...],
              change: Callable[[np.ndarray], np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose initializers `names` are replaced by `change` of their value."""
@@ -72,7 +73,6 @@ def _changed(model: onnx.ModelProto, names: tuple[str, ...],
 def _half_of_conv1_dropped(weight: np.ndarray) -> np.ndarray:
     weight[::2] = 0.0
     return weight
-
 
 
 def test_a_layer_recovers_weights_that_reproduce_the_original_exactly() -> None:
