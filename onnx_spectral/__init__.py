@@ -3,7 +3,7 @@
     model, report = onnx_spectral.compress("in.onnx", "calib.npz", ratio=0.5)
 """
 
-from .api import CompressOptions, compress
-from .report import Report
+from onnx_spectral.api import CompressOptions, compress
+from onnx_spectral.report import Report
 
 __all__ = ["CompressOptions", "Report", "compress"]

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import OptionsError
-from .graph import GraphIndex, normalize
-from .ops import handler_for
-from .ops.base import ChannelState, Member, Plain, Role, SinkUse
+from onnx_spectral.errors import OptionsError
+from onnx_spectral.graph.model import GraphIndex, normalize
+from onnx_spectral.ops import handler_for
+from onnx_spectral.ops.base import ChannelState, Member, Plain, Role, SinkUse
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import large
-from .analysis import Analysis, Tap, analyze
-from .calibrate import Statistics, calibrate
-from .compensate import compensated_plans
-from .cost import model_cost
-from .data import (
+from onnx_spectral.analysis import Analysis, Tap, analyze
+from onnx_spectral.calibration.collect import Statistics, calibrate
+from onnx_spectral.calibration.instrument import Instrumented, instrument
+from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
     Preprocess,
@@ -32,19 +30,27 @@ from .data import (
     open_calibration,
     split_counts,
 )
-from .errors import OptionsError, UnsupportedGraphError
-from .graph import load_model
-from .group_cost import group_costs
-from .instrument import Instrumented, instrument
-from .plan import PlannedGroup, PlanOptions, Selection, plan_groups
-from .refit import MAX_FEATURES, refit_pruned
-from .report import GroupReport, Report
-from .rewrite import rewrite
-from .runtime import Provider
-from .stats_io import SavedStatistics, Shard, TapKey, load_statistics, model_fingerprint
-from .tap_cost import gram_strides
-from .verify import Verification, compare_models, reconstruction_error
-from .widths import ALLOCATIONS, Allocation
+from onnx_spectral.calibration.stats_files import (
+    SavedStatistics,
+    Shard,
+    TapKey,
+    load_statistics,
+    model_fingerprint,
+)
+from onnx_spectral.calibration.tap_cost import gram_strides
+from onnx_spectral.correction.compensate import compensated_plans
+from onnx_spectral.correction.refit import MAX_FEATURES, refit_pruned
+from onnx_spectral.errors import OptionsError, UnsupportedGraphError
+from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.model import load_model
+from onnx_spectral.graph.sessions import Provider
+from onnx_spectral.report import GroupReport, Report
+from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.group_cost import group_costs
+from onnx_spectral.selection.model_cost import model_cost
+from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, Selection, plan_groups
+from onnx_spectral.selection.widths import ALLOCATIONS, Allocation
+from onnx_spectral.verify import Verification, compare_models, reconstruction_error
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         refitting = False
         notes.append("the layer refit was skipped: it needs calibration batches, not saved "
                      "statistics")
-    elif refitting and large.is_large(original):
+    elif refitting and external_tensors.is_large(original):
         refitting = False
         notes.append("the layer refit was skipped: it does not yet handle models past 2 GiB")
     with clock("calibrate"):

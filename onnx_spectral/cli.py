@@ -20,12 +20,16 @@ from typing import NoReturn
 
 import onnx
 
-from . import atomic
-from .analysis import analyze
-from .api import CompressOptions, calibrate_statistics, compress
-from .cost import model_cost
-from .data import Preprocess
-from .errors import (
+from onnx_spectral.analysis import analyze
+from onnx_spectral.api import CompressOptions, calibrate_statistics, compress
+from onnx_spectral.calibration.sources import Preprocess
+from onnx_spectral.calibration.stats_files import (
+    Shard,
+    load_statistics,
+    merge_statistics,
+    save_statistics,
+)
+from onnx_spectral.errors import (
     DataError,
     GraphError,
     ModelError,
@@ -36,11 +40,12 @@ from .errors import (
     StatisticsError,
     UnsupportedGraphError,
 )
-from .graph import load_model
-from .plots import require_matplotlib, write_plots
-from .report import analysis_dict, format_analysis, format_seconds
-from .stats_io import Shard, load_statistics, merge_statistics, save_statistics
-from .widths import ALLOCATIONS
+from onnx_spectral.graph import atomic
+from onnx_spectral.graph.model import load_model
+from onnx_spectral.plots import require_matplotlib, write_plots
+from onnx_spectral.report import analysis_dict, format_analysis, format_seconds
+from onnx_spectral.selection.model_cost import model_cost
+from onnx_spectral.selection.widths import ALLOCATIONS
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,

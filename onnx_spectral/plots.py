@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import OptionsError
-from .report import Report
+from onnx_spectral.errors import OptionsError
+from onnx_spectral.report import Report
 
 
 def require_matplotlib() -> None:

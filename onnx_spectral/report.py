@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .analysis import Analysis
-from .cost import ModelCost
-from .verify import Verification
+from onnx_spectral.analysis import Analysis
+from onnx_spectral.selection.model_cost import ModelCost
+from onnx_spectral.verify import Verification
 
 
 @dataclass(frozen=True)

@@ -9,35 +9,20 @@ returned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from . import large
-from .affine import fold_offset
-from .analysis import Analysis, ChannelGroup
-from .errors import RewriteError
-from .graph import GraphIndex, infer_shapes, tensor_dims
-from .ops import handler_for
-from .runtime import open_session
-
-
-@dataclass(frozen=True, eq=False)
-class GroupPlan:
-    """What to do with one prunable group.
-
-    `kept`: [k] int64 sorted channel indices that stay. `reconstructions`: per tap tensor, the
-    matrix A ([m, k], columns in the order of `kept`) folded into that tap's sinks.
-    """
-
-    group: ChannelGroup
-    kept: np.ndarray
-    reconstructions: Mapping[str, np.ndarray]
-    offsets: Mapping[str, np.ndarray] | None = None
-    """Per tap tensor, the affine offset c ([m]) folded into its sinks' biases (optional)."""
+from onnx_spectral.analysis import Analysis
+from onnx_spectral.errors import RewriteError
+from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.model import GraphIndex, infer_shapes, tensor_dims
+from onnx_spectral.graph.sessions import open_session
+from onnx_spectral.ops import handler_for
+from onnx_spectral.selection.affine import fold_offset
+from onnx_spectral.selection.plan import GroupPlan
 
 
 class _Editor:
@@ -76,7 +61,7 @@ class _Editor:
         """Write the edited constants as fresh initializers and drop unused ones."""
         graph = self.model.graph
         taken = {init.name for init in graph.initializer}
-        spill = large.is_large(self.model)
+        spill = external_tensors.is_large(self.model)
         for (node_name, position), value in self._values.items():
             node = self._nodes[node_name]
             node.input.extend([""] * (position + 1 - len(node.input)))
@@ -84,7 +69,7 @@ class _Editor:
             while name in taken:
                 name += "_"
             taken.add(name)
-            graph.initializer.append(large.initializer(value, name, spill))
+            graph.initializer.append(external_tensors.initializer(value, name, spill))
             node.input[position] = name
         self._values.clear()  # the new tensors are in the model (or, past 2 GiB, on disk)
         used = {name for node in graph.node for name in node.input}
@@ -125,7 +110,7 @@ def rewrite(analysis: Analysis, plans: Sequence[GroupPlan]) -> onnx.ModelProto:
     model = editor.finish()
     try:
         model = infer_shapes(model)
-        large.check_model(model, full_check=True)
+        external_tensors.check_model(model, full_check=True)
     except Exception as exc:
         raise RewriteError(f"the compressed model fails the ONNX checker: {exc}") from exc
     check_interface(analysis.graph.model, model)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibrate import TapStatistics
-from .data import FeedDict
-from .errors import ModelError, ResourceError, RewriteError
-from .runtime import Provider, is_out_of_memory, open_session
+from onnx_spectral.calibration.collect import TapStatistics
+from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.errors import ModelError, ResourceError, RewriteError
+from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from onnx_spectral import compress
-from onnx_spectral.affine import affine_reconstruction, supports_offset
 from onnx_spectral.analysis import analyze
-from onnx_spectral.rewrite import GroupPlan, rewrite
-from onnx_spectral.runtime import open_session
+from onnx_spectral.graph.sessions import open_session
+from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
+from onnx_spectral.selection.plan import GroupPlan
 from tests import graphs
 
 

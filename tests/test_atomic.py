@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_spectral import atomic, cli
+from onnx_spectral import cli
+from onnx_spectral.graph import atomic
 from tests import graphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ FAST = ["--provider", "cpu", "--calib-samples", "24", "--verify-samples", "8"]
 
 _SCRIPT = r"""
 import os, signal, sys, time
-from onnx_spectral import atomic, cli
+from onnx_spectral import cli
+from onnx_spectral.graph import atomic
 
 mode, argv = sys.argv[1], sys.argv[2:]
 # a shell runs background jobs with SIGINT ignored; a user's Ctrl-C reaches the default handler

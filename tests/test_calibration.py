@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral.analysis import analyze
-from onnx_spectral.calibrate import calibrate
-from onnx_spectral.instrument import instrument
+from onnx_spectral.calibration.collect import calibrate
+from onnx_spectral.calibration.instrument import instrument
 
 
 def _model() -> onnx.ModelProto:

@@ -14,8 +14,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral.analysis import analyze
-from onnx_spectral.calibrate import calibrate
-from onnx_spectral.instrument import GramBlock, assemble_gram, gram_blocks, instrument
+from onnx_spectral.calibration.collect import calibrate
+from onnx_spectral.calibration.instrument import GramBlock, assemble_gram, gram_blocks, instrument
 from tests.graphs import GraphBuilder
 
 

@@ -8,14 +8,15 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
-from onnx_spectral.compensate import (
+from onnx_spectral.correction.compensate import (
     cross_statistics,
     merged_model,
     original_activations,
     schedule,
 )
-from onnx_spectral.rewrite import GroupPlan, rewrite
-from onnx_spectral.runtime import open_session
+from onnx_spectral.graph.sessions import open_session
+from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.plan import GroupPlan
 from tests.graphs import GraphBuilder
 
 

@@ -1,4 +1,5 @@
-"""Tests of onnx_spectral.data: every source, re-batching, validation errors, preprocessing."""
+"""Tests of onnx_spectral.calibration.sources: every source, re-batching, validation errors,
+preprocessing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from onnx_spectral.data import (
+from onnx_spectral.calibration.sources import (
     FeedDict,
     InputSpec,
     Preprocess,

@@ -2,7 +2,7 @@
 
 The 2 GiB code paths (skeletons with external references, sessions and checks through
 temporary files, saving with external data) are exercised on tiny models by lowering
-`large.LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (about two
+`LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (about two
 minutes and 2.5 GB of memory, 1.25x the model's size; see README "Reliability"):
 
     ONNX_SPECTRAL_SLOW=1 python -m pytest -q -m slow tests/test_large.py
@@ -22,7 +22,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_spectral import atomic, cli, compress, large
+from onnx_spectral import cli, compress
+from onnx_spectral.graph import atomic, external_tensors
 from tests import graphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +50,16 @@ def test_large_model_paths_match_the_in_memory_paths(monkeypatch, tmp_path: Path
     args = ["--calib", "random", "--provider", "cpu", "--calib-samples", "24",
             "--verify-samples", "8", "--no-refit"]  # large models skip the refit
     assert cli.main([str(model), str(tmp_path / "small" / "out.onnx"), *args]) == 0
-    monkeypatch.setattr(large, "LARGE_BYTES", 1000)
-    monkeypatch.setattr(large, "STUB_BYTES", 100)
+    monkeypatch.setattr(external_tensors, "LARGE_BYTES", 1000)
+    monkeypatch.setattr(external_tensors, "STUB_BYTES", 100)
     opened = []
-    real_on_disk = large.on_disk
+    real_on_disk = external_tensors.on_disk
 
     def counting(*a, **k):
         opened.append(1)
         return real_on_disk(*a, **k)
 
-    monkeypatch.setattr(large, "on_disk", counting)
+    monkeypatch.setattr(external_tensors, "on_disk", counting)
     assert cli.main([str(model), str(tmp_path / "big" / "out.onnx"), *args]) == 0
     assert len(opened) >= 4  # checker, calibration, verification and interface sessions
     small = onnx.load(str(tmp_path / "small" / "out.onnx"))
@@ -73,9 +74,9 @@ def test_large_model_paths_match_the_in_memory_paths(monkeypatch, tmp_path: Path
 
 def test_skeleton_keeps_small_tensors_and_references_large_ones(tmp_path: Path,
                                                                 monkeypatch) -> None:
-    monkeypatch.setattr(large, "STUB_BYTES", 100)
+    monkeypatch.setattr(external_tensors, "STUB_BYTES", 100)
     model = graphs.residual_block(channels=8)
-    light = large.skeleton(model, tmp_path / "t.bin")
+    light = external_tensors.skeleton(model, tmp_path / "t.bin")
     onnx.save_model(light, str(tmp_path / "m.onnx"))
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(_run(str(tmp_path / "m.onnx"), x)[0], _run(model, x)[0])
@@ -201,7 +202,7 @@ def compress_in_subprocess(path: Path, out: Path, large_bytes: int | None = None
                            ) -> tuple[subprocess.CompletedProcess[str], float, float]:
     """Compress the wide MLP at `path` with the CLI in a fresh process (48 random samples:
     40 to calibrate, 8 to verify). `large_bytes`: take the paths of models past 2 GiB at a
-    small size (large.LARGE_BYTES and the float64 block size of big sink weights lowered).
+    small size (LARGE_BYTES and the float64 block size of big sink weights lowered).
     Returns the finished process, its peak resident memory in GB (2^30 bytes: VmHWM, which
     counts mapped file pages; not ru_maxrss, which Linux carries over from the parent across
     fork + exec) and the wall time in seconds."""
@@ -209,9 +210,10 @@ def compress_in_subprocess(path: Path, out: Path, large_bytes: int | None = None
         .type.tensor_type.shape.dim[1].dim_value
     np.save(out.parent / "x.npy",
             np.random.default_rng(1).standard_normal((48, wide)).astype(np.float32))
-    lower = (f"large.LARGE_BYTES = {large_bytes}; linear._BLOCK_BYTES = {large_bytes // 8}; "
-             if large_bytes else "")
-    script = ("import sys; from onnx_spectral import cli, large; "
+    lower = (f"external_tensors.LARGE_BYTES = {large_bytes}; "
+             f"linear._BLOCK_BYTES = {large_bytes // 8}; " if large_bytes else "")
+    script = ("import sys; from onnx_spectral import cli; "
+              "from onnx_spectral.graph import external_tensors; "
               "from onnx_spectral.ops import linear; " + lower +
               "code = cli.main(sys.argv[1:]); "
               "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
@@ -276,16 +278,16 @@ def test_lazy_large_model_matches_the_in_memory_path(tmp_path: Path) -> None:
 
 def test_lazy_load_maps_weights_instead_of_reading_them(tmp_path: Path, monkeypatch) -> None:
     path = wide_mlp(tmp_path, wide=2048)
-    monkeypatch.setattr(large, "LARGE_BYTES", 1 << 20)
-    model = large.load(path)
-    assert large.is_large(model)
-    assert all(large.is_lazy(t) for t in model.graph.initializer)
+    monkeypatch.setattr(external_tensors, "LARGE_BYTES", 1 << 20)
+    model = external_tensors.load(path)
+    assert external_tensors.is_large(model)
+    assert all(external_tensors.is_lazy(t) for t in model.graph.initializer)
     assert model.ByteSize() < 10_000  # only references
     reference = onnx.load(str(path))
     for lazy, full in zip(model.graph.initializer, reference.graph.initializer, strict=True):
-        np.testing.assert_array_equal(large.to_array(lazy), numpy_helper.to_array(full))
-    values = large.constants(model.graph.initializer, set())
-    assert isinstance(values, large.LazyConstants) and "fc1_w" in values
+        np.testing.assert_array_equal(external_tensors.to_array(lazy), numpy_helper.to_array(full))
+    values = external_tensors.constants(model.graph.initializer, set())
+    assert isinstance(values, external_tensors.LazyConstants) and "fc1_w" in values
     weight = values["fc1_w"]
     weight[0, 0] = 7.0  # copy-on-write: the file keeps its bytes
     np.testing.assert_array_equal(values["fc1_w"], numpy_helper.to_array(
@@ -298,14 +300,14 @@ def test_lazy_load_maps_weights_instead_of_reading_them(tmp_path: Path, monkeypa
         entry.key, entry.value = "location", "../../etc/passwd"
     onnx.save_model(reference, str(outside))
     with pytest.raises(ValueError, match="is not a file in"):
-        large.load(outside)
+        external_tensors.load(outside)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("ONNX_SPECTRAL_SLOW"), reason="set ONNX_SPECTRAL_SLOW=1")
 def test_model_over_2_gib(tmp_path: Path) -> None:
     path = wide_mlp(tmp_path)
-    assert large.tensor_bytes(onnx.load(str(path), load_external_data=False)) > 2**31
+    assert external_tensors.tensor_bytes(onnx.load(str(path), load_external_data=False)) > 2**31
     out = tmp_path / "out" / "wide_pruned.onnx"
     out.parent.mkdir()
     result, peak, seconds = compress_in_subprocess(path, out)

@@ -15,10 +15,10 @@ import pytest
 
 from onnx_spectral import cli, compress
 from onnx_spectral.analysis import analyze
-from onnx_spectral.calibrate import calibrate
+from onnx_spectral.calibration.collect import calibrate
+from onnx_spectral.calibration.instrument import instrument
 from onnx_spectral.errors import ResourceError
-from onnx_spectral.instrument import instrument
-from onnx_spectral.runtime import open_session
+from onnx_spectral.graph.sessions import open_session
 from tests import graphs
 
 ORT_MESSAGE = ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
@@ -77,7 +77,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, limit: int, error: BaseException) -
         sessions.append(_Limited(open_session(model, provider), limit, error))
         return sessions[-1]
 
-    monkeypatch.setattr("onnx_spectral.calibrate.open_session", limited)
+    monkeypatch.setattr("onnx_spectral.calibration.collect.open_session", limited)
     return sessions
 
 

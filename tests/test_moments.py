@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_spectral.moments import CrossMoments, affine_cross_reconstruction, cross_reconstruction
+from onnx_spectral.selection.moments import (
+    CrossMoments,
+    affine_cross_reconstruction,
+    cross_reconstruction,
+)
 
 
 def _moments(original: np.ndarray, pruned: np.ndarray) -> CrossMoments:

@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_spectral import compress, refit
-from onnx_spectral.refit import (
+from onnx_spectral import compress
+from onnx_spectral.correction import refit
+from onnx_spectral.correction.refit import (
     _cross_validated_ridge,
     _Layer,
     _NormalEquations,
@@ -18,7 +19,7 @@ from onnx_spectral.refit import (
     _solve,
     refit_layers,
 )
-from onnx_spectral.runtime import open_session
+from onnx_spectral.graph.sessions import open_session
 from tests.graphs import GraphBuilder
 
 

@@ -1,4 +1,4 @@
-"""Tests of onnx_spectral.select: the selection math of SPEC section 3."""
+"""Tests of onnx_spectral.selection.spectral: the selection math of SPEC section 3."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from onnx_spectral import select
 from onnx_spectral.errors import OptionsError, StatisticsError
-from onnx_spectral.select import (
+from onnx_spectral.selection import spectral as select
+from onnx_spectral.selection.spectral import (
     GreedyPath,
     TapProblem,
     default_ridge,
@@ -19,7 +19,7 @@ from onnx_spectral.select import (
     loss_weight,
     reconstruction,
 )
-from onnx_spectral.widths import round_width
+from onnx_spectral.selection.widths import round_width
 
 
 def _random_psd(rng: np.random.Generator, m: int, samples: int) -> np.ndarray:

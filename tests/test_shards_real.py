@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from models import crepe
 from onnx_spectral import compress
 from onnx_spectral.api import calibrate_statistics
-from onnx_spectral.stats_io import Shard, merge_statistics
+from onnx_spectral.calibration.stats_files import Shard, merge_statistics
 
 pytestmark = pytest.mark.real
 

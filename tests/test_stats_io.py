@@ -17,15 +17,15 @@ from onnx import numpy_helper
 
 from onnx_spectral import compress
 from onnx_spectral.api import calibrate_statistics
-from onnx_spectral.cli import main
-from onnx_spectral.errors import OptionsError, StatisticsError
-from onnx_spectral.stats_io import (
+from onnx_spectral.calibration.stats_files import (
     Shard,
     load_statistics,
     merge_statistics,
     model_fingerprint,
     save_statistics,
 )
+from onnx_spectral.cli import main
+from onnx_spectral.errors import OptionsError, StatisticsError
 from tests.graphs import GraphBuilder
 
 SAMPLES = 150

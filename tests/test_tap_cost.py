@@ -14,9 +14,14 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral.analysis import analyze
-from onnx_spectral.calibrate import calibrate
-from onnx_spectral.instrument import instrument
-from onnx_spectral.tap_cost import GRAM_FLOOR, gram_macs, gram_strides, positions_per_sample
+from onnx_spectral.calibration.collect import calibrate
+from onnx_spectral.calibration.instrument import instrument
+from onnx_spectral.calibration.tap_cost import (
+    GRAM_FLOOR,
+    gram_macs,
+    gram_strides,
+    positions_per_sample,
+)
 from tests.graphs import GraphBuilder
 
 
@@ -99,7 +104,12 @@ def test_stride_costs_little_selection_quality() -> None:
     """Accuracy effect of subsampling: channels chosen from every 4th position lose at most 5%
     more (true loss, full statistics) than channels chosen from all positions (measured:
     +0%, +1.9%, +0% at k = 8, 16, 32); Sigma itself moves by 10% (sampling noise)."""
-    from onnx_spectral.select import TapProblem, greedy_select, information_loss, loss_weight
+    from onnx_spectral.selection.spectral import (
+        TapProblem,
+        greedy_select,
+        information_loss,
+        loss_weight,
+    )
 
     b = GraphBuilder(seed=7)
     t = b.node("Relu", [b.conv("x", "conv1", 8, 64)], "relu1")

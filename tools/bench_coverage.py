@@ -31,9 +31,9 @@ import onnxruntime as ort
 from models.zoo import LIGHT_MODELS, light_batches, light_input_name, light_model
 from onnx_spectral import compress
 from onnx_spectral.analysis import Analysis, ChannelGroup, analyze
-from onnx_spectral.cost import model_cost
-from onnx_spectral.graph import normalize
+from onnx_spectral.graph.model import normalize
 from onnx_spectral.rewrite import check_interface
+from onnx_spectral.selection.model_cost import model_cost
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -30,15 +30,15 @@ from models import crepe, mnist, ppocr
 from models.runtime import run_onnx
 from onnx_spectral import CompressOptions
 from onnx_spectral.analysis import Analysis, analyze
-from onnx_spectral.calibrate import Statistics, calibrate
-from onnx_spectral.compensate import compensated_plans
-from onnx_spectral.data import FeedDict
-from onnx_spectral.graph import load_model
-from onnx_spectral.group_cost import GroupCosts, group_costs
-from onnx_spectral.instrument import instrument
-from onnx_spectral.plan import PlanOptions, plan_groups
-from onnx_spectral.refit import refit_pruned
+from onnx_spectral.calibration.collect import Statistics, calibrate
+from onnx_spectral.calibration.instrument import instrument
+from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.correction.compensate import compensated_plans
+from onnx_spectral.correction.refit import refit_pruned
+from onnx_spectral.graph.model import load_model
 from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.group_cost import GroupCosts, group_costs
+from onnx_spectral.selection.plan import PlanOptions, plan_groups
 
 DEFAULTS = CompressOptions()
 # name -> PlanOptions fields (plus "compensation" and "refit"); budgets come from --budgets.

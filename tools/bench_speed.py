@@ -43,19 +43,19 @@ from models import crepe  # noqa: E402
 from onnx_spectral import compress  # noqa: E402
 from onnx_spectral.analysis import Analysis, analyze  # noqa: E402
 from onnx_spectral.api import CompressOptions, calibrate_statistics  # noqa: E402
-from onnx_spectral.calibrate import calibrate  # noqa: E402
-from onnx_spectral.cost import model_cost  # noqa: E402
-from onnx_spectral.graph import load_model  # noqa: E402
-from onnx_spectral.instrument import Instrumented, instrument  # noqa: E402
-from onnx_spectral.runtime import Provider, open_session  # noqa: E402
-from onnx_spectral.select import (  # noqa: E402
+from onnx_spectral.calibration.collect import calibrate  # noqa: E402
+from onnx_spectral.calibration.instrument import Instrumented, instrument  # noqa: E402
+from onnx_spectral.calibration.tap_cost import gram_strides  # noqa: E402
+from onnx_spectral.graph.model import load_model  # noqa: E402
+from onnx_spectral.graph.sessions import Provider, open_session  # noqa: E402
+from onnx_spectral.selection.model_cost import model_cost  # noqa: E402
+from onnx_spectral.selection.spectral import (  # noqa: E402
     TapProblem,
     default_ridge,
     greedy_select,
     information_loss,
     loss_weight,
 )
-from onnx_spectral.tap_cost import gram_strides  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 SCRATCH = Path(tempfile.gettempdir()) / "onnx_spectral_bench"

@@ -1,6 +1,6 @@
 """Peak memory of compressing a wide MLP stored with external data, against its size.
 
-Every size takes the path of models past 2 GiB (large.LARGE_BYTES is lowered below the
+Every size takes the path of models past 2 GiB (external_tensors.LARGE_BYTES is lowered below the
 model's size): weights memory-mapped from the input's data file, sessions through hard links,
 the output streamed to its data file. One fresh CLI process per size; peak RSS counts the
 mapped file pages too. Prints one line per size and the ratio peak / model size.

@@ -27,8 +27,9 @@ from models import crepe, mnist
 from models.cache import fetch_package
 from models.export import export_onnx, load_source_module
 from onnx_spectral.analysis import Analysis
-from onnx_spectral.group_cost import GroupCosts
-from onnx_spectral.rewrite import GroupPlan, rewrite
+from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.group_cost import GroupCosts
+from onnx_spectral.selection.plan import GroupPlan
 
 _BISECTION_STEPS = 14
 

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import OpHandler
-from .concat import ConcatHandler, SliceHandler, SplitHandler
-from .conv import ConvHandler, ConvTransposeHandler
-from .elementwise import ArithmeticHandler, UnaryHandler
-from .layout import LayoutHandler
-from .linear import GemmHandler, MatMulHandler
-from .normalization import NormalizationHandler
-from .spatial import PadHandler, PoolHandler, ReduceHandler, ResizeHandler, ShapeHandler
+from onnx_spectral.ops.base import OpHandler
+from onnx_spectral.ops.concat import ConcatHandler, SliceHandler, SplitHandler
+from onnx_spectral.ops.conv import ConvHandler, ConvTransposeHandler
+from onnx_spectral.ops.elementwise import ArithmeticHandler, UnaryHandler
+from onnx_spectral.ops.layout import LayoutHandler
+from onnx_spectral.ops.linear import GemmHandler, MatMulHandler
+from onnx_spectral.ops.normalization import NormalizationHandler
+from onnx_spectral.ops.spatial import (
+    PadHandler,
+    PoolHandler,
+    ReduceHandler,
+    ResizeHandler,
+    ShapeHandler,
+)
 
 _HANDLERS: tuple[OpHandler, ...] = (
     ConvHandler(),

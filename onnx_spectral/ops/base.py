@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex
+from onnx_spectral.graph.model import GraphIndex
 
 
 @dataclass(frozen=True)

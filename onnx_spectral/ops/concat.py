@@ -12,8 +12,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import attributes, opset_version
-from .base import AnalysisContext, Editor, Member, NoWeights, Plain, Role, freeze_inputs
+from onnx_spectral.graph.model import attributes, opset_version
+from onnx_spectral.ops.base import (
+    AnalysisContext,
+    Editor,
+    Member,
+    NoWeights,
+    Plain,
+    Role,
+    freeze_inputs,
+)
 
 
 def _axis(node: onnx.NodeProto, rank: int, default: int | None = None) -> int:

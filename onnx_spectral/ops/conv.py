@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, attributes
-from .base import (
+from onnx_spectral.graph.model import GraphIndex, attributes
+from onnx_spectral.ops.base import (
     AnalysisContext,
     Editor,
     Member,

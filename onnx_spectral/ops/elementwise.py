@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .base import (
+from onnx_spectral.ops.base import (
     AnalysisContext,
     ChannelState,
     Editor,

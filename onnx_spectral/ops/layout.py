@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..graph import Dim, GraphIndex, attributes, evaluate_shape_expression
-from .base import (
+from onnx_spectral.graph.model import Dim, GraphIndex, attributes, evaluate_shape_expression
+from onnx_spectral.ops.base import (
     AnalysisContext,
     ChannelState,
     Editor,

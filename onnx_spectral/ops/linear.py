@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..errors import RewriteError
-from ..graph import GraphIndex, attributes
-from .base import AnalysisContext, Editor, Member, Plain, SinkUse, freeze_inputs
-from .layout import LayoutError, simulate_chain, sink_feature_map
+from onnx_spectral.errors import RewriteError
+from onnx_spectral.graph.model import GraphIndex, attributes
+from onnx_spectral.ops.base import AnalysisContext, Editor, Member, Plain, SinkUse, freeze_inputs
+from onnx_spectral.ops.layout import LayoutError, simulate_chain, sink_feature_map
 
 
 def _as_rows(weight: np.ndarray, transposed: bool) -> np.ndarray:

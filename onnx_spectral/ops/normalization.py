@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .base import AnalysisContext, Editor, Member, NoWeights, Plain, Role, freeze_inputs
+from onnx_spectral.ops.base import (
+    AnalysisContext,
+    Editor,
+    Member,
+    NoWeights,
+    Plain,
+    Role,
+    freeze_inputs,
+)
 
 
 class NormalizationHandler(NoWeights):

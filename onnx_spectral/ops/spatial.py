@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import attributes, opset_version
-from .base import AnalysisContext, Editor, Member, NoWeights, Plain, freeze_inputs
+from onnx_spectral.graph.model import attributes, opset_version
+from onnx_spectral.ops.base import AnalysisContext, Editor, Member, NoWeights, Plain, freeze_inputs
 
 
 def _pass_through(node: onnx.NodeProto, ctx: AnalysisContext, state: Plain,

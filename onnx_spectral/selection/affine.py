@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .analysis import Tap
-from .graph import GraphIndex, attributes
-from .ops.base import Editor, SinkUse
-from .select import reconstruction
+from onnx_spectral.analysis import Tap
+from onnx_spectral.graph.model import GraphIndex, attributes
+from onnx_spectral.ops.base import Editor, SinkUse
+from onnx_spectral.selection.spectral import reconstruction
 
 
 def supports_offset(graph: GraphIndex, tap: Tap) -> bool:

@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import OptionsError
+from onnx_spectral.errors import OptionsError
 
 Allocation = Literal["uniform", "dof", "greedy"]
 ALLOCATIONS: tuple[Allocation, ...] = ("uniform", "dof", "greedy")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .graph import normalize
+from onnx_spectral.graph.model import normalize
 
 Shape = tuple[int, ...]
 """Static dimensions of a tensor."""

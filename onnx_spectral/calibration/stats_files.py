@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .analysis import Tap
-from .calibrate import Statistics, TapStatistics
-from .errors import OptionsError, StatisticsError
+from onnx_spectral.analysis import Tap
+from onnx_spectral.calibration.collect import Statistics, TapStatistics
+from onnx_spectral.errors import OptionsError, StatisticsError
 
 FORMAT = "onnx-spectral-statistics"
 VERSION = 1

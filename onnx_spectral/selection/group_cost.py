@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .analysis import Analysis, ChannelGroup
-from .cost import ModelCost, model_cost
-from .graph import GraphIndex
-from .ops import handler_for
-from .widths import CostModel, CostTerm
+from onnx_spectral.analysis import Analysis, ChannelGroup
+from onnx_spectral.graph.model import GraphIndex
+from onnx_spectral.ops import handler_for
+from onnx_spectral.selection.model_cost import ModelCost, model_cost
+from onnx_spectral.selection.widths import CostModel, CostTerm
 
 _LINEAR_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 

@@ -17,14 +17,17 @@ from typing import Literal
 
 import numpy as np
 
-from .affine import affine_reconstruction, supports_offset
-from .analysis import Analysis, ChannelGroup, Tap
-from .calibrate import Statistics
-from .group_cost import GroupCosts
-from .moments import CrossMoments, affine_cross_reconstruction, cross_reconstruction
-from .ops import handler_for
-from .rewrite import GroupPlan
-from .select import (
+from onnx_spectral.analysis import Analysis, ChannelGroup, Tap
+from onnx_spectral.calibration.collect import Statistics
+from onnx_spectral.ops import handler_for
+from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
+from onnx_spectral.selection.group_cost import GroupCosts
+from onnx_spectral.selection.moments import (
+    CrossMoments,
+    affine_cross_reconstruction,
+    cross_reconstruction,
+)
+from onnx_spectral.selection.spectral import (
     GreedyPath,
     TapProblem,
     cross_greedy_select,
@@ -34,7 +37,7 @@ from .select import (
     loss_weight,
     reconstruction,
 )
-from .widths import (
+from onnx_spectral.selection.widths import (
     Allocation,
     allocate_dof,
     allocate_greedy,
@@ -45,6 +48,21 @@ from .widths import (
 )
 
 Selection = Literal["spectral", "l1", "random"]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupPlan:
+    """What to do with one prunable group.
+
+    `kept`: [k] int64 sorted channel indices that stay. `reconstructions`: per tap tensor, the
+    matrix A ([m, k], columns in the order of `kept`) folded into that tap's sinks.
+    """
+
+    group: ChannelGroup
+    kept: np.ndarray
+    reconstructions: Mapping[str, np.ndarray]
+    offsets: Mapping[str, np.ndarray] | None = None
+    """Per tap tensor, the affine offset c ([m]) folded into its sinks' biases (optional)."""
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .analysis import Analysis, ChannelGroup, Tap
-from .calibrate import Statistics
-from .data import FeedDict
-from .errors import StatisticsError
-from .graph import opset_version
-from .group_cost import GroupCosts
-from .moments import CrossMoments
-from .plan import PlannedGroup, PlanOptions, allocate_widths, plan_group
-from .rewrite import rewrite
-from .runtime import Provider, open_session
+from onnx_spectral.analysis import Analysis, ChannelGroup, Tap
+from onnx_spectral.calibration.collect import Statistics
+from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.errors import StatisticsError
+from onnx_spectral.graph.model import opset_version
+from onnx_spectral.graph.sessions import Provider, open_session
+from onnx_spectral.graph.submodel import needed_nodes
+from onnx_spectral.rewrite import rewrite
+from onnx_spectral.selection.group_cost import GroupCosts
+from onnx_spectral.selection.moments import CrossMoments
+from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, allocate_widths, plan_group
 
 _PRUNED = "onnx_spectral_pruned/"
 _TAP = "onnx_spectral_cross"
@@ -136,20 +137,6 @@ def _rows(tensor: str, axis: int, rank: int, channels: int, prefix: str
     shape = numpy_helper.from_array(np.array([-1, channels], dtype=np.int64), prefix + "shape")
     nodes.append(helper.make_node("Reshape", [current, shape.name], [prefix + "rows"]))
     return nodes, shape, prefix + "rows"
-
-
-def needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
-    """The nodes `outputs` depend on, in their original order."""
-    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
-    wanted: set[int] = set()
-    stack = [producer[name] for name in outputs if name in producer]
-    while stack:
-        index = stack.pop()
-        if index in wanted:
-            continue
-        wanted.add(index)
-        stack.extend(producer[name] for name in nodes[index].input if name in producer)
-    return [node for index, node in enumerate(nodes) if index in wanted]
 
 
 def merged_model(analysis: Analysis, pruned: onnx.ModelProto, taps: Sequence[Tap],

@@ -18,8 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from . import large
-from .errors import GraphError, ModelError
+from onnx_spectral.errors import GraphError, ModelError
+from onnx_spectral.graph import external_tensors
 
 Dim = int | None
 """A static dimension, or None when it is symbolic or unknown."""
@@ -41,12 +41,12 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         if not path.is_file():
             raise ModelError(f"model file '{path}' does not exist (expected an .onnx file)")
         try:
-            model = large.load(path)
+            model = external_tensors.load(path)
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
             raise ModelError(f"model file '{path}' is not a readable ONNX model: {exc}") from exc
     try:
         if isinstance(source, onnx.ModelProto):
-            large.check_model(model)
+            external_tensors.check_model(model)
         else:  # by path: works past 2 GB and checks the external data files
             onnx.checker.check_model(str(source))
     except Exception as exc:  # ValidationError, or protobuf errors on a damaged model
@@ -103,7 +103,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop stale value_info and rerun strict ONNX shape inference with data propagation."""
     del model.graph.value_info[:]
     try:
-        return large.infer_shapes(model, strict_mode=True, data_prop=True)
+        return external_tensors.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
 
@@ -123,7 +123,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     graph = model.graph
     opset = opset_version(model)
     graph_inputs = {value.name for value in graph.input}
-    constants = large.constants(graph.initializer, graph_inputs)
+    constants = external_tensors.constants(graph.initializer, graph_inputs)
     static_shapes = _static_shapes(model)
     kept_nodes = []
     for node in graph.node:
@@ -142,7 +142,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Fully static shapes of the tensors shape inference can tell, for folding `Shape` nodes."""
     try:
-        inferred = large.infer_shapes(model)
+        inferred = external_tensors.infer_shapes(model)
     except Exception:  # folding Shape is an optimisation: without inference, skip it
         return {}
     shapes = {}
@@ -245,7 +245,7 @@ class GraphIndex:
     def __post_init__(self) -> None:
         graph = self.model.graph
         graph_inputs = {value.name for value in graph.input}
-        self.constants = large.constants(graph.initializer, graph_inputs)
+        self.constants = external_tensors.constants(graph.initializer, graph_inputs)
         self.producers = {}
         self.consumers = {}
         self.nodes_by_name = {}

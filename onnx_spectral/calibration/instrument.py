@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .analysis import Tap
-from .graph import GraphIndex, opset_version
+from onnx_spectral.analysis import Tap
+from onnx_spectral.graph.model import GraphIndex, opset_version
 
 _PREFIX = "onnx_spectral_tap"
 #: Target channels per Gram block row, and the most block rows per tap.

@@ -7,8 +7,8 @@ from typing import Literal
 import onnx
 import onnxruntime as ort
 
-from . import large
-from .errors import OptionsError
+from onnx_spectral.errors import OptionsError
+from onnx_spectral.graph import external_tensors
 
 Provider = Literal["auto", "cpu", "cuda"]
 
@@ -47,9 +47,9 @@ def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSes
     """An inference session on an in-memory model (written to a temporary file only past 2 GiB)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if large.is_large(model):  # past 2 GiB: through a temporary file with external data
+    if external_tensors.is_large(model):  # past 2 GiB: through a temporary file with external data
         options.add_session_config_entry("session.disable_prepacking", "1")  # no weight copy
-        with large.on_disk(model) as path:
+        with external_tensors.on_disk(model) as path:
             return ort.InferenceSession(str(path), options,
                                         providers=execution_providers(provider))
     return ort.InferenceSession(model.SerializeToString(), options,

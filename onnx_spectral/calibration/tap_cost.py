@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from .analysis import Tap
-from .cost import model_cost
-from .graph import GraphIndex
-from .instrument import gram_blocks
+from onnx_spectral.analysis import Tap
+from onnx_spectral.calibration.instrument import gram_blocks
+from onnx_spectral.graph.model import GraphIndex
+from onnx_spectral.selection.model_cost import model_cost
 
 _BISECTION_STEPS = 60
 #: Gram multiply-adds per sample always allowed: below this a model is calibrated exactly (1,000

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import FeedDict
-from .errors import DataError, ModelError, ResourceError, StatisticsError
-from .instrument import Instrumented, TapOutputs, assemble_gram
-from .runtime import Provider, is_out_of_memory, open_session
+from onnx_spectral.calibration.instrument import Instrumented, TapOutputs, assemble_gram
+from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.errors import DataError, ModelError, ResourceError, StatisticsError
+from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from . import large
-from .errors import RewriteError
-from .large import is_large
+from onnx_spectral.errors import RewriteError
+from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.external_tensors import is_large
 
 _CHUNK = 1 << 24
 
@@ -109,8 +109,8 @@ def _data_digest(model: onnx.ModelProto) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for tensor in model.graph.initializer:
         digest.update(tensor.name.encode())
-        if large.is_lazy(tensor):  # the bytes it would hold if loaded: the same digest
-            for chunk in large.read_chunks(tensor):
+        if external_tensors.is_lazy(tensor):  # the bytes it would hold if loaded: the same digest
+            for chunk in external_tensors.read_chunks(tensor):
                 digest.update(chunk)
             continue
         digest.update(tensor.raw_data if tensor.HasField("raw_data")
@@ -138,7 +138,7 @@ def _old_data_files(path: Path) -> set[Path]:
 def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) -> list[Path]:
     """Write `model` to `path` atomically; return the files written.
 
-    With `external_data`, or when the tensors exceed large.LARGE_BYTES (2 GiB), the tensors go to
+    With `external_data`, or when the tensors exceed LARGE_BYTES (2 GiB), the tensors go to
     `NAME.<digest>.data` beside `path` (and `model`'s initializers are turned into references
     to that file, in place). The written files pass `onnx.checker` before they are renamed.
     """
@@ -153,7 +153,7 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) 
     location = f"{path.name}.{_data_digest(model)}.data"
     stale = _old_data_files(path) - {path.parent / location}
     with _temporary(path, folder=True) as folder:
-        large.save_with_external_data(model, folder / path.name, location)
+        external_tensors.save_with_external_data(model, folder / path.name, location)
         _fsync(folder / path.name)
         _check(folder / path.name)
         written = [path]

@@ -42,14 +42,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from .analysis import Analysis
-from .compensate import needed_nodes
-from .data import FeedDict
-from .graph import attributes
-from .rewrite import GroupPlan
-from .runtime import Provider, open_session
+from onnx_spectral.analysis import Analysis
+from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.graph.model import attributes
+from onnx_spectral.graph.sessions import Provider, open_session
+from onnx_spectral.graph.submodel import submodel
+from onnx_spectral.selection.plan import GroupPlan
 
 #: Largest receptive field (features) refitted by default. The normal equations cost
 #: rows x d^2: on CREPE full at --ratio 0.5 (four layers of 4,096 features, 100,000 rows each)
@@ -188,23 +188,9 @@ def _rows(node: onnx.NodeProto, inputs: np.ndarray, outputs: np.ndarray, kernel:
     return features, targets.astype(np.float32)
 
 
-def _submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """`model` computing only `outputs` (float tensors), with only the nodes they need."""
-    nodes = needed_nodes(list(model.graph.node), outputs)
-    used = {name for node in nodes for name in node.input}
-    graph = helper.make_graph(
-        nodes, model.graph.name,
-        [value for value in model.graph.input if value.name in used or value.name in outputs],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-        [tensor for tensor in model.graph.initializer if tensor.name in used])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
-    sub.ir_version = model.ir_version
-    return sub
-
-
 def _run(model: onnx.ModelProto, name: str, batches: Iterable[FeedDict], provider: Provider
          ) -> Iterable[np.ndarray]:
-    session = open_session(_submodel(model, [name]), provider)
+    session = open_session(submodel(model, [name]), provider)
     wanted = {value.name for value in session.get_inputs()}
     for feeds in batches:
         yield session.run([name], {key: value for key, value in feeds.items()
