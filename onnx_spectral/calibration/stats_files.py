@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -131,7 +132,7 @@ def save_statistics(path: str | Path, saved: SavedStatistics) -> None:
         "taps": [{"tensor": key.tensor, "axis": key.axis, "channels": key.channels}
                  for key in saved.taps],
     }
-    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+    arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta))}  # Any: savez's **kwds
     for index, key in enumerate(saved.taps):
         tap = saved.statistics[key.tensor]
         arrays[f"gram_{index}"] = tap.gram

@@ -21,6 +21,7 @@ from onnx_spectral.analysis import Analysis, ChannelGroup, Tap
 from onnx_spectral.calibration.collect import Statistics
 from onnx_spectral.ops import handler_for
 from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
+from onnx_spectral.selection.cross_select import cross_greedy_select
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.moments import (
     CrossMoments,
@@ -30,7 +31,6 @@ from onnx_spectral.selection.moments import (
 from onnx_spectral.selection.spectral import (
     GreedyPath,
     TapProblem,
-    cross_greedy_select,
     default_ridge,
     greedy_select,
     l1_norm_order,
