@@ -3,7 +3,7 @@
 The 2 GiB code paths (skeletons with external references, sessions and checks through
 temporary files, saving with external data) are exercised on tiny models by lowering
 `LARGE_BYTES`; a real model over 2 GiB runs only with ONNX_SPECTRAL_SLOW=1 (about two
-minutes and 2.5 GB of memory, 1.25x the model's size; see README "Reliability"):
+minutes and 2.5 GB of memory, 1.25x the model's size; see docs/benchmarks.md "Large models"):
 
     ONNX_SPECTRAL_SLOW=1 python -m pytest -q -m slow tests/test_large.py
 """

@@ -5,7 +5,7 @@ automatic rounding of widths to multiples of 8 for groups of >= 64 channels) at 
 budgets, no fine-tuning. The issue's targets are MNIST >= 98.5% at --flops 0.07, CREPE tiny RPA
 >= 90% at 0.35 and CREPE full RPA >= 97% at 0.25. CREPE full (measured 100%) and CREPE tiny
 (99.1%) meet theirs (asserted); MNIST (97.87%) does not yet: its floor is what the code
-measurably reaches today, a little below the measurement (see the README's budget section).
+measurably reaches today, a little below the measurement (see docs/benchmarks.md "Quality at MAC budgets").
 """
 
 from __future__ import annotations
