@@ -15,11 +15,12 @@ from onnx_spectral.correction.refit import (
     _cross_validated_ridge,
     _Layer,
     _NormalEquations,
-    _patches,
     _solve,
     refit_layers,
 )
 from onnx_spectral.graph.sessions import open_session
+from onnx_spectral.ops.conv import patches
+from onnx_spectral.ops.linear import MatMulHandler
 from tests.graphs import GraphBuilder
 
 
@@ -40,8 +41,8 @@ def test_receptive_fields_times_the_kernel_are_the_convolution(
                               [onnx.numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     expected = open_session(model, "cpu").run(None, {"x": x})[0]
-    patches = _patches(x, node, kernel)
-    got = (patches @ w.reshape(4, -1).T).reshape(2, *expected.shape[2:], 4)
+    fields = patches(x, node, kernel)
+    got = (fields @ w.reshape(4, -1).T).reshape(2, *expected.shape[2:], 4)
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -143,7 +144,7 @@ def test_cross_validation_refuses_a_fit_of_noise_and_takes_a_fit_of_signal() -> 
     near zero; a fit of a linear map with noise is kept."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((40, 30)).astype(np.float32)
-    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), 30, False, False)
+    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False, False)
     noise = rng.standard_normal((40, 5)).astype(np.float32)
     zero = np.zeros((30, 5))
     halves = _halves(features, noise)
@@ -164,7 +165,7 @@ def test_the_ridge_pulls_toward_the_current_weights() -> None:
     features = rng.standard_normal((40, 30))
     truth = rng.standard_normal((30, 5))
     targets = features @ truth + 0.5 * rng.standard_normal((40, 5))
-    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), 30, False, False)
+    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False, False)
     prior = truth + 0.05 * rng.standard_normal((30, 5))
     gram, cross = features.T @ features, features.T @ targets
     least_squares = np.linalg.solve(gram, cross)

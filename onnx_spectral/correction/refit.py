@@ -1,9 +1,10 @@
 """Layer refit (SPEC section 5, beyond the paper): refit whole linear layers of the pruned model.
 
 Sequential compensation reconstructs a sink's input channels one position at a time
-(``W' = W A``). A refit goes further for the layers downstream of the pruning: each dense Conv,
-Gemm or MatMul whose input the pruning changed gets new weights (and bias) fitted by ridge least
-squares so that, on the calibration batches, it maps the PRUNED model's input to the ORIGINAL
+(``W' = W A``). A refit goes further for the layers downstream of the pruning: each linear layer
+whose handler allows it (`LinearLayer.refit_problem`: a dense 2-D Conv, a Gemm, a MatMul or an
+Einsum by a matrix) and whose input the pruning changed gets new weights (and bias) fitted by
+ridge least squares so that, on the calibration batches, it maps the PRUNED model's input to the ORIGINAL
 model's output of that layer (its kept output channels):
 
     [W' b'] = argmin  sum ||y_orig - W' p_pruned - b'||^2 + lambda ||W' - W_c||^2
@@ -46,9 +47,10 @@ from onnx import helper, numpy_helper
 
 from onnx_spectral.analysis import Analysis
 from onnx_spectral.calibration.sources import FeedDict
-from onnx_spectral.graph.model import attributes
 from onnx_spectral.graph.sessions import Provider, open_session
 from onnx_spectral.graph.submodel import submodel
+from onnx_spectral.ops import linear_layer_for
+from onnx_spectral.ops.linear_layer import LinearLayer
 from onnx_spectral.selection.plan import GroupPlan
 
 #: Largest receptive field (features) refitted by default. The normal equations cost
@@ -75,9 +77,11 @@ CACHE_BYTES = 512 * 2**20
 
 @dataclass(frozen=True)
 class _Layer:
-    """A layer to refit: its node (in the pruned model) and its fitted form."""
+    """A layer to refit: its node (in the pruned model), its handler's linear-layer view and
+    its fitted form."""
 
     node: onnx.NodeProto
+    view: LinearLayer
     features: int
     """d: receptive-field size."""
     bias: bool
@@ -126,66 +130,37 @@ def _set_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     raise KeyError(name)
 
 
-def _layer(model: onnx.ModelProto, node: onnx.NodeProto, readers: Mapping[str, list[str]]
-           ) -> _Layer | str:
+def _layer(model: onnx.ModelProto, node: onnx.NodeProto, view: LinearLayer,
+           readers: Mapping[str, list[str]]) -> _Layer | str:
     """The refit form of `node`, or why it cannot be refitted (`readers`: the op types of the
     nodes reading each tensor, and "output" for a graph output)."""
-    weight = _constant(model, node.input[1]) if len(node.input) > 1 else None
+    position = view.weight_input
+    weight = _constant(model, node.input[position]) if len(node.input) > position else None
     if weight is None:
         return "its weight is not a constant"
     if weight.dtype != np.float32:
         return f"its weight is {weight.dtype}, only float32 layers are refitted"
     if any(len(readers.get(name, [])) > 1 for name in node.input[1:] if name):
         return "its weight or bias is shared with another node"
-    attrs = attributes(node)
-    bias = len(node.input) > 2 and bool(node.input[2]) and \
-        _constant(model, node.input[2]) is not None
+    problem = view.refit_problem(node, weight)
+    if problem is not None:
+        return problem
+    outputs, features = view.weight_matrix(node, weight).shape
+    bias_position = view.bias_input(node)
+    bias = None if bias_position is None else _constant(model, node.input[bias_position])
     rectified = readers.get(node.output[0]) == ["Relu"]
-    if node.op_type == "Conv":
-        if int(attrs.get("group", 1)) != 1 or weight.ndim != 4:  # type: ignore[call-overload]
-            return "only dense 2-D convolutions are refitted"
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            return "auto_pad convolutions are not refitted"
-        return _Layer(node, int(np.prod(weight.shape[1:])), bias, rectified)
-    if node.op_type == "Gemm":
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or \
-                attrs.get("beta", 1.0) != 1.0:
-            return "only Gemm with transA = 0 and alpha = beta = 1 is refitted"
-        features = weight.shape[1] if attrs.get("transB", 0) else weight.shape[0]
-        outputs = weight.shape[0] if attrs.get("transB", 0) else weight.shape[1]
-        bias_value = _constant(model, node.input[2]) if bias else None
-        return _Layer(node, int(features), bias and bias_value is not None
-                      and bias_value.size == outputs, rectified)
-    if node.op_type == "MatMul" and weight.ndim == 2:
-        return _Layer(node, int(weight.shape[0]), False, rectified)
-    return f"{node.op_type} layers are not refitted"
+    return _Layer(node, view, int(features), bias is not None and bias.size == outputs,
+                  rectified)
 
 
-def _patches(values: np.ndarray, node: onnx.NodeProto, kernel: Sequence[int]) -> np.ndarray:
-    """Receptive fields of a 2-D Conv: input [N, C, H, W] -> [N * H' * W', C * kh * kw]."""
-    attrs = attributes(node)
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))  # type: ignore[call-overload]
-    strides = list(attrs.get("strides", [1, 1]))  # type: ignore[call-overload]
-    dilations = list(attrs.get("dilations", [1, 1]))  # type: ignore[call-overload]
-    padded = np.pad(values, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = [dilations[i] * (kernel[i] - 1) + 1 for i in range(2)]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
-    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
-    n, c, height, width, kh, kw = windows.shape
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * height * width, c * kh * kw)
-
-
-def _rows(node: onnx.NodeProto, inputs: np.ndarray, outputs: np.ndarray, kernel: Sequence[int]
+def _rows(layer: _Layer, inputs: np.ndarray, outputs: np.ndarray, weight: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray]:
     """(features [n, d], targets [n, C_out]) of one batch, float32 (their products are summed
     in float64 over the batches)."""
-    if node.op_type == "Conv":
-        features = _patches(inputs.astype(np.float32), node, kernel)
-        targets = np.moveaxis(outputs, 1, -1).reshape(-1, outputs.shape[1])
-    else:
-        features = inputs.reshape(-1, inputs.shape[-1]).astype(np.float32)
-        targets = outputs.reshape(-1, outputs.shape[-1])
-    return features, targets.astype(np.float32)
+    node = layer.node
+    features = layer.view.receptive_fields(node, inputs, weight)
+    moved = np.moveaxis(outputs, layer.view.output_axis(node), -1)
+    return features, moved.reshape(-1, moved.shape[-1]).astype(np.float32)
 
 
 def _run(model: onnx.ModelProto, name: str, batches: Iterable[FeedDict], provider: Provider
@@ -230,10 +205,10 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
     notes = []
     refitted = 0
     for node in list(model.graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[0] not in affected \
-                or node.name not in originals:
+        view = linear_layer_for(node)
+        if view is None or node.input[0] not in affected or node.name not in originals:
             continue
-        layer = _layer(model, node, readers)
+        layer = _layer(model, node, view, readers)
         if isinstance(layer, str):
             notes.append(f"layer '{node.name}' not refitted: {layer}")
             continue
@@ -282,7 +257,7 @@ class _LayerRows:
         targets = _run(self.original, node.output[0], self.batches, self.provider)
         for values, wanted in zip(inputs, targets, strict=True):
             if self.kept is not None:
-                wanted = np.take(wanted, self.kept, axis=1 if node.op_type == "Conv" else -1)
+                wanted = np.take(wanted, self.kept, axis=self.layer.view.output_axis(node))
             held += values.nbytes + wanted.nbytes
             if cache is not None and held <= CACHE_BYTES:
                 cache.append((values, wanted))
@@ -295,12 +270,9 @@ class _LayerRows:
         """Per batch: features [n, d'] (a last column of ones when the layer has a bias),
         targets [n, C_out], both float32, and the number of samples they come from (rows are
         grouped by sample, in sample order)."""
-        node = self.layer.node
-        weight = _constant(self.model, node.input[1])
-        assert weight is not None
-        kernel = weight.shape[2:] if node.op_type == "Conv" else ()
+        weight = _weight(self.model, self.layer)
         for values, wanted in self._activations():
-            features, target = _rows(node, values, wanted, kernel)
+            features, target = _rows(self.layer, values, wanted, weight)
             if self.layer.bias:
                 features = np.hstack([features, np.ones((len(features), 1), dtype=np.float32)])
             yield features, target, len(values)
@@ -312,12 +284,11 @@ class _LayerRows:
 def _fit(rows: _LayerRows, rows_per_feature: int) -> np.ndarray | str:
     """The refitted [weight; bias] of the layer, [d', C_out], or why it is left as it is."""
     layer = rows.layer
-    weight = _constant(rows.model, layer.node.input[1])
-    assert weight is not None
+    outputs = layer.view.weight_matrix(layer.node, _weight(rows.model, layer)).shape[0]
     halves: list[_NormalEquations] | None = None
     for batch, (features, target, samples) in enumerate(rows):
         if halves is None:
-            if target.shape[1] != _outputs(layer.node, weight):
+            if target.shape[1] != outputs:
                 return ("the original channels its outputs keep are not known (a Concat or "
                         "Split group)")
             total = len(features) * rows.samples() // max(samples, 1)
@@ -379,29 +350,24 @@ def _relaxed_cross(rows: _LayerRows, solution: np.ndarray) -> np.ndarray:
     return cross
 
 
+def _weight(model: onnx.ModelProto, layer: _Layer) -> np.ndarray:
+    """The layer's present weight, in the node's layout."""
+    weight = _constant(model, layer.node.input[layer.view.weight_input])
+    assert weight is not None
+    return weight
+
+
 def _current(model: onnx.ModelProto, layer: _Layer) -> np.ndarray:
     """The layer's present [weight; bias] in the fitted layout, [d', C_out] float64."""
     node = layer.node
-    weight = _constant(model, node.input[1])
-    assert weight is not None
-    if node.op_type == "Conv":
-        matrix = weight.reshape(weight.shape[0], -1).T
-    elif node.op_type == "Gemm" and attributes(node).get("transB", 0):
-        matrix = weight.T
-    else:
-        matrix = weight
+    matrix = layer.view.weight_matrix(node, _weight(model, layer)).T
     if layer.bias:
-        bias = _constant(model, node.input[2])
+        position = layer.view.bias_input(node)
+        assert position is not None
+        bias = _constant(model, node.input[position])
         assert bias is not None
         matrix = np.vstack([matrix, bias.reshape(1, -1)])
     return matrix.astype(np.float64)
-
-
-def _outputs(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    """Output channels (features) of a Conv/Gemm/MatMul with this weight."""
-    if node.op_type == "Conv" or (node.op_type == "Gemm" and attributes(node).get("transB", 0)):
-        return int(weight.shape[0])
-    return int(weight.shape[-1])
 
 
 def _solve(gram: np.ndarray, cross: np.ndarray, layer: _Layer, rho: float,
@@ -422,21 +388,17 @@ def _solve(gram: np.ndarray, cross: np.ndarray, layer: _Layer, rho: float,
 
 def _write(model: onnx.ModelProto, layer: _Layer, solution: np.ndarray) -> None:
     """Store the fitted weight (and bias) in the node's constants."""
-    node = layer.node
-    weight = _constant(model, node.input[1])
-    assert weight is not None
+    node, view = layer.node, layer.view
+    weight = _weight(model, layer)
     matrix = solution[:layer.features]  # [d, C_out]
-    if node.op_type == "Conv":
-        fitted = matrix.T.reshape(weight.shape)
-    elif node.op_type == "Gemm" and attributes(node).get("transB", 0):
-        fitted = matrix.T
-    else:
-        fitted = matrix
-    _set_constant(model, node.input[1], fitted)
+    _set_constant(model, node.input[view.weight_input],
+                  view.weight_from_matrix(node, matrix.T, weight))
     if layer.bias:
-        bias = _constant(model, node.input[2])
+        position = view.bias_input(node)
+        assert position is not None
+        bias = _constant(model, node.input[position])
         assert bias is not None
-        _set_constant(model, node.input[2], solution[layer.features].reshape(bias.shape))
+        _set_constant(model, node.input[position], solution[layer.features].reshape(bias.shape))
 
 
 def refit_pruned(analysis: Analysis, pruned: onnx.ModelProto, plans: Sequence[GroupPlan],

@@ -37,7 +37,7 @@ def _counts(kept: np.ndarray, bounds: list[tuple[int, int]]) -> list[int]:
 class ConcatHandler(NoWeights):
     """Concat: a derived group along the channel axis, a coupling along any other."""
 
-    op_types = ("Concat",)
+    op_types: tuple[str, ...] = ("Concat",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         states = [ctx.state(name) for name in node.input]
@@ -50,7 +50,8 @@ class ConcatHandler(NoWeights):
             freeze_inputs(node, ctx, "Concat of scattered channels or of unknown rank")
             return
         axis = _axis(node, rank)
-        channel_axes = {state.axis for state in grouped if isinstance(state, Plain)}
+        plains = [state for state in grouped if isinstance(state, Plain)]
+        channel_axes = {state.axis for state in plains}
         if channel_axes == {axis}:
             parts: list[tuple[int | None, int]] = []
             for name, state in zip(node.input, states, strict=True):
@@ -64,14 +65,14 @@ class ConcatHandler(NoWeights):
         if len(channel_axes) != 1 or len(grouped) != len(states):
             freeze_inputs(node, ctx, "Concat mixes channel axes or untracked tensors")
             return
-        sizes = {ctx.graph.static_shape(name, node.name)[grouped[0].axis] for name in node.input}
+        sizes = {ctx.graph.static_shape(name, node.name)[plains[0].axis] for name in node.input}
         if len(sizes) != 1 or None in sizes:
             freeze_inputs(node, ctx, "Concat couples tensors whose channel counts differ")
             return
         group = grouped[0].group
         for state in grouped[1:]:
             group = ctx.union(group, state.group, node.output[0])
-        ctx.set_state(node.output[0], Plain(group, grouped[0].axis, rank))
+        ctx.set_state(node.output[0], Plain(group, plains[0].axis, rank))
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
@@ -92,7 +93,7 @@ def _split_sizes(node: onnx.NodeProto, ctx_or_graph_value: np.ndarray | None,
 class SplitHandler(NoWeights):
     """Split: pieces of the channel axis become base groups; sizes rewritten to kept counts."""
 
-    op_types = ("Split",)
+    op_types: tuple[str, ...] = ("Split",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = ctx.state(node.input[0])
@@ -166,7 +167,7 @@ def _channel_range(start: int, end: int, channels: int) -> tuple[int, int]:
 class SliceHandler(NoWeights):
     """Slice: a constant step-1 range of the channel axis becomes its own base group."""
 
-    op_types = ("Slice",)
+    op_types: tuple[str, ...] = ("Slice",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = ctx.state(node.input[0])

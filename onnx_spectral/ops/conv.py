@@ -3,6 +3,9 @@ depthwise; grouped ones are frozen with the reason."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import onnx
 
@@ -17,6 +20,28 @@ from onnx_spectral.ops.base import (
     fold_input_channels,
     freeze_inputs,
 )
+from onnx_spectral.ops.linear_layer import Shape, kernel_features
+
+#: Activations a com.microsoft FusedConv applies after the convolution: all element-wise.
+FUSED_ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Tanh", "Sigmoid", "Clip", "HardSigmoid"})
+
+
+def patches(values: np.ndarray, node: onnx.NodeProto, kernel: Sequence[int]) -> np.ndarray:
+    """Receptive fields of a 2-D Conv: input [N, C, H, W] -> [N * H' * W', C * kh * kw]."""
+    attrs = attributes(node)
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))  # type: ignore[call-overload]
+    strides = list(attrs.get("strides", [1, 1]))  # type: ignore[call-overload]
+    dilations = list(attrs.get("dilations", [1, 1]))  # type: ignore[call-overload]
+    padded = np.pad(values, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [dilations[i] * (kernel[i] - 1) + 1 for i in range(2)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    n, c, height, width, kh, kw = windows.shape
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * height * width, c * kh * kw)
+
+
+def _bias_position(node: onnx.NodeProto) -> int | None:
+    return 2 if len(node.input) > 2 and node.input[2] else None
 
 
 def _kind(weight: np.ndarray, group: int) -> str:
@@ -31,7 +56,7 @@ def _kind(weight: np.ndarray, group: int) -> str:
 class ConvHandler:
     """Conv with a constant weight [M, C/g, k...] and optional bias [M]."""
 
-    op_types = ("Conv",)
+    op_types: tuple[str, ...] = ("Conv",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         weight = ctx.graph.input_constant(node, 1)
@@ -94,12 +119,83 @@ class ConvHandler:
         assert weight is not None
         editor.set_input_value(node, 1, fold_input_channels(weight, reconstruction, axis=1))
 
+    # the linear-layer view: W [M, C/g, k...] as [M, C/g * k], channel-major
+
+    weight_input = 1
+
+    def macs(self, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+        weight, output = shapes.get(node.input[1]), shapes.get(node.output[0])
+        if weight is None or output is None:
+            return None
+        return math.prod(output) * math.prod(weight[1:])
+
+    def weight_mac_share(self, node: onnx.NodeProto, weight: np.ndarray) -> float:
+        return 1.0
+
+    def weight_matrix(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+        return weight.reshape(weight.shape[0], -1)
+
+    def weight_from_matrix(self, node: onnx.NodeProto, matrix: np.ndarray,
+                           weight: np.ndarray) -> np.ndarray:
+        return matrix.reshape(weight.shape)
+
+    def input_features(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
+                       weight: np.ndarray) -> np.ndarray:
+        return kernel_features(channels, weight)
+
+    def bias_input(self, node: onnx.NodeProto) -> int | None:
+        return _bias_position(node)
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        attrs = attributes(node)
+        if int(attrs.get("group", 1)) != 1 or weight.ndim != 4:  # type: ignore[call-overload]
+            return "only dense 2-D convolutions are refitted"
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "auto_pad convolutions are not refitted"
+        return None
+
+    def receptive_fields(self, node: onnx.NodeProto, inputs: np.ndarray,
+                         weight: np.ndarray) -> np.ndarray:
+        return patches(inputs.astype(np.float32), node, weight.shape[2:])
+
+    def output_axis(self, node: onnx.NodeProto) -> int:
+        return 1
+
+
+class FusedConvHandler(ConvHandler):
+    """com.microsoft FusedConv (ONNX Runtime's Conv + activation fusion): a Conv whose
+    element-wise `activation` keeps channel c in channel c. The optional sum input Z (added
+    before the activation) is not followed: its groups and the output's are frozen."""
+
+    op_types: tuple[str, ...] = ("FusedConv",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        activation = attributes(node).get("activation", b"")
+        name = activation.decode() if isinstance(activation, bytes) else str(activation)
+        reason = None
+        if len(node.input) > 3 and node.input[3]:
+            reason = "FusedConv with a sum input Z (a coupling it does not follow)"
+        elif name not in FUSED_ACTIVATIONS:
+            reason = f"FusedConv with activation '{name}' (not known to be element-wise)"
+        if reason is None:
+            super().analyze(node, ctx)
+            return
+        freeze_inputs(node, ctx, reason)
+        weight = ctx.graph.input_constant(node, 1)
+        if weight is not None:
+            produced = ctx.new_group(node.name, int(weight.shape[0]), node.output[0], axis=1,
+                                     rank=weight.ndim)
+            ctx.freeze(produced, f"{reason} (node '{node.name}' makes it)")
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        return "a FusedConv's output is after its activation, not linear"
+
 
 class ConvTransposeHandler:
     """ConvTranspose with a constant weight [C, M/g, k...]: a producer of its M output channels
     and a sink of its C input channels when dense; channel-wise when depthwise."""
 
-    op_types = ("ConvTranspose",)
+    op_types: tuple[str, ...] = ("ConvTranspose",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         weight = ctx.graph.input_constant(node, 1)
@@ -159,3 +255,46 @@ class ConvTransposeHandler:
         weight = editor.input_value(node, 1)
         assert weight is not None
         editor.set_input_value(node, 1, fold_input_channels(weight, reconstruction, axis=0))
+
+    # the linear-layer view: W [C, M, k...] as [M, C * k], channel-major
+
+    weight_input = 1
+
+    def macs(self, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+        data, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if data is None or weight is None:
+            return None
+        return math.prod(data) * math.prod(weight[1:])
+
+    def weight_mac_share(self, node: onnx.NodeProto, weight: np.ndarray) -> float:
+        return 1.0
+
+    def weight_matrix(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+        return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
+
+    def weight_from_matrix(self, node: onnx.NodeProto, matrix: np.ndarray,
+                           weight: np.ndarray) -> np.ndarray:
+        swapped = (weight.shape[1], weight.shape[0], *weight.shape[2:])
+        return np.moveaxis(matrix.reshape(swapped), 0, 1)
+
+    def input_features(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
+                       weight: np.ndarray) -> np.ndarray:
+        return kernel_features(channels, weight)
+
+    def bias_input(self, node: onnx.NodeProto) -> int | None:
+        """With strides > 1 the output positions see different subsets of the taps, so a
+        constant input shift is not one bias."""
+        strides = attributes(node).get("strides", [1])
+        if any(int(s) != 1 for s in strides):  # type: ignore[attr-defined]
+            return None
+        return _bias_position(node)
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        return "ConvTranspose layers are not refitted"
+
+    def receptive_fields(self, node: onnx.NodeProto, inputs: np.ndarray,
+                         weight: np.ndarray) -> np.ndarray:
+        raise TypeError(f"ConvTranspose node '{node.name}' is not refitted")
+
+    def output_axis(self, node: onnx.NodeProto) -> int:
+        return 1

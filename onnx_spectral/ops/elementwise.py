@@ -27,7 +27,7 @@ from onnx_spectral.ops.base import (
 class UnaryHandler(NoWeights):
     """Activations and casts: output channel c depends only on input channel c."""
 
-    op_types = (
+    op_types: tuple[str, ...] = (
         "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
         "Celu", "Softplus", "Softsign", "Gelu", "Erf", "Mish", "ThresholdedRelu", "Dropout",
         "Identity", "Cast", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Clip",
@@ -56,7 +56,7 @@ def _channel_dim(value: np.ndarray, axis_from_end: int) -> int:
 class ArithmeticHandler(NoWeights):
     """Add, Sub, Mul, Div, PRelu, Max, Min, Sum, Mean over constants and activations."""
 
-    op_types = ("Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Sum", "Mean")
+    op_types: tuple[str, ...] = ("Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Sum", "Mean")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         graph = ctx.graph
@@ -100,7 +100,7 @@ class ArithmeticHandler(NoWeights):
             return None
         plains = [state for state in grouped if isinstance(state, Plain)]
         sizes = {ctx.graph.static_shape(name, node.name)[state.axis]
-                 for name in node.input if (state := ctx.state(name)) is not None}
+                 for name in node.input if isinstance(state := ctx.state(name), Plain)}
         lined_up = all(
             state.axis - state.rank == plains[0].axis - plains[0].rank for state in plains
         )

@@ -90,8 +90,9 @@ def apply_layout(node: onnx.NodeProto, arrays: IndexArrays,
         target = _reshape_target(node, target_value, shape)
         transform = lambda a: a.reshape(target)  # noqa: E731
     elif op == "Transpose":
-        perm = attributes(node).get("perm")
-        transform = lambda a: np.transpose(a, perm)  # type: ignore[arg-type]  # noqa: E731
+        perm_value = attributes(node).get("perm")
+        perm = None if perm_value is None else [int(p) for p in perm_value]  # type: ignore[attr-defined]
+        transform = lambda a: np.transpose(a, perm)  # noqa: E731
     elif op in ("Squeeze", "Unsqueeze"):
         axes = _axes(node, values)
         if op == "Squeeze":
@@ -216,7 +217,7 @@ def sink_feature_map(state: Mapped, sink_name: str) -> FeatureMap:
 class LayoutHandler(NoWeights):
     """Flatten, Reshape, Transpose, Squeeze and Unsqueeze."""
 
-    op_types = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+    op_types: tuple[str, ...] = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = ctx.state(node.input[0])

@@ -7,13 +7,18 @@ in which case every spatial block of the weight gets the reconstruction.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
 from onnx_spectral.errors import RewriteError
 from onnx_spectral.graph.model import GraphIndex, attributes
 from onnx_spectral.ops.base import AnalysisContext, Editor, Member, Plain, SinkUse, freeze_inputs
+from onnx_spectral.ops.conv import FUSED_ACTIVATIONS
 from onnx_spectral.ops.layout import LayoutError, simulate_chain, sink_feature_map
+from onnx_spectral.ops.linear_layer import Shape, plain_features, row_layer_fields
 
 
 def _as_rows(weight: np.ndarray, transposed: bool) -> np.ndarray:
@@ -93,93 +98,247 @@ def _fold_rows(rows: np.ndarray, sink: SinkUse, reconstruction: np.ndarray, kept
     return blocks[:, kept_index, position[0]].astype(rows.dtype)
 
 
-class GemmHandler:
+class _RowLayer:
+    """What Gemm, MatMul and their variants share: a constant weight read as rows [outputs,
+    inputs], stored transposed ([inputs, outputs], as MatMul's B) unless `_transposed`."""
+
+    weight_input = 1
+
+    def _transposed(self, node: onnx.NodeProto) -> bool:
+        return False
+
+    def output_rows(self, node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
+        weight = graph.input_constant(node, 1)
+        assert weight is not None
+        return _as_rows(weight, self._transposed(node))
+
+    def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
+                  graph: GraphIndex) -> np.ndarray:
+        return _sink_rows_gram(self.output_rows(node, graph), sink, channels)
+
+    def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
+             kept: np.ndarray, editor: Editor) -> None:
+        transposed = self._transposed(node)
+        weight = editor.input_value(node, 1)
+        assert weight is not None
+        rows = _fold_rows(_as_rows(weight, transposed), sink, reconstruction, kept, editor)
+        editor.set_input_value(node, 1, np.ascontiguousarray(_as_rows(rows, transposed)))
+
+    def _slice_weight(self, node: onnx.NodeProto, kept: np.ndarray, editor: Editor) -> None:
+        weight = editor.input_value(node, 1)
+        assert weight is not None
+        editor.set_input_value(node, 1, weight[kept] if self._transposed(node)
+                               else weight[:, kept])
+
+    # the linear-layer view
+
+    def weight_mac_share(self, node: onnx.NodeProto, weight: np.ndarray) -> float:
+        return 1.0
+
+    def weight_matrix(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+        return _as_rows(weight, self._transposed(node))
+
+    def weight_from_matrix(self, node: onnx.NodeProto, matrix: np.ndarray,
+                           weight: np.ndarray) -> np.ndarray:
+        return _as_rows(matrix, self._transposed(node))
+
+    def input_features(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
+                       weight: np.ndarray) -> np.ndarray:
+        return plain_features(sink, channels)
+
+    def bias_input(self, node: onnx.NodeProto) -> int | None:
+        return None
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        return None if weight.ndim == 2 else f"a {weight.ndim}-D weight is not refitted"
+
+    def receptive_fields(self, node: onnx.NodeProto, inputs: np.ndarray,
+                         weight: np.ndarray) -> np.ndarray:
+        return row_layer_fields(inputs)
+
+    def output_axis(self, node: onnx.NodeProto) -> int:
+        return -1
+
+
+def _output_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    """Output elements (batch * M * N, numpy semantics) times K, the data input's last axis."""
+    data = shapes.get(node.input[0])
+    output = shapes.get(node.output[0])
+    if data is None or output is None or len(data) == 0:
+        return None
+    return math.prod(output) * data[-1]
+
+
+def _unit_scales(node: onnx.NodeProto) -> bool:
+    attrs = attributes(node)
+    return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+
+
+class GemmHandler(_RowLayer):
     """Gemm Y = alpha A B + beta C with a constant B (mind transB)."""
 
-    op_types = ("Gemm",)
+    op_types: tuple[str, ...] = ("Gemm",)
+
+    def _transposed(self, node: onnx.NodeProto) -> bool:
+        return bool(attributes(node).get("transB", 0))
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         weight = ctx.graph.input_constant(node, 1)
         attrs = attributes(node)
         bias_name = node.input[2] if len(node.input) > 2 else ""
         if weight is None or (bias_name and ctx.graph.constant(bias_name) is None):
-            freeze_inputs(node, ctx, "Gemm whose B or C is an activation")
+            freeze_inputs(node, ctx, f"{node.op_type} whose B or C is an activation")
             return
         if int(attrs.get("transA", 0)):  # type: ignore[call-overload]
-            freeze_inputs(node, ctx, "Gemm with transA=1 contracts the sample axis")
+            freeze_inputs(node, ctx, f"{node.op_type} with transA=1 contracts the sample axis")
             return
         _register_sink(node, ctx)
-        transposed = bool(attrs.get("transB", 0))
-        outputs = weight.shape[0] if transposed else weight.shape[1]
+        outputs = weight.shape[0] if self._transposed(node) else weight.shape[1]
         ctx.new_group(node.name, int(outputs), node.output[0], axis=1, rank=2)
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
-        transposed = bool(attributes(node).get("transB", 0))
-        weight = editor.input_value(node, 1)
-        assert weight is not None
-        editor.set_input_value(node, 1, weight[kept] if transposed else weight[:, kept])
+        self._slice_weight(node, kept, editor)
         bias = editor.input_value(node, 2)
         if bias is not None and bias.ndim >= 1 and bias.shape[-1] == channels and channels > 1:
             editor.set_input_value(node, 2, bias[..., kept])
 
-    def output_rows(self, node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
-        weight = graph.input_constant(node, 1)
-        assert weight is not None
-        return _as_rows(weight, bool(attributes(node).get("transB", 0)))
+    def macs(self, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        rows, inner = a[::-1] if attributes(node).get("transA", 0) else a
+        return rows * inner * (b[0] if self._transposed(node) else b[1])
 
-    def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
-                  graph: GraphIndex) -> np.ndarray:
-        weight = graph.input_constant(node, 1)
-        assert weight is not None
-        rows = _as_rows(weight, bool(attributes(node).get("transB", 0)))
-        return _sink_rows_gram(rows, sink, channels)
+    def bias_input(self, node: onnx.NodeProto) -> int | None:
+        present = len(node.input) > 2 and bool(node.input[2])
+        return 2 if present and _unit_scales(node) else None
 
-    def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
-             kept: np.ndarray, editor: Editor) -> None:
-        transposed = bool(attributes(node).get("transB", 0))
-        weight = editor.input_value(node, 1)
-        assert weight is not None
-        rows = _fold_rows(_as_rows(weight, transposed), sink, reconstruction, kept, editor)
-        editor.set_input_value(node, 1, _as_rows(rows, transposed))
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        if attributes(node).get("transA", 0) or not _unit_scales(node):
+            return "only Gemm with transA = 0 and alpha = beta = 1 is refitted"
+        return None
 
 
-class MatMulHandler:
-    """MatMul of an activation [..., K] by a constant matrix [K, N]."""
+class FusedGemmHandler(GemmHandler):
+    """com.microsoft FusedGemm (ONNX Runtime's Gemm + activation fusion): a Gemm whose
+    element-wise `activation` keeps output column c in column c."""
 
-    op_types = ("MatMul",)
+    op_types: tuple[str, ...] = ("FusedGemm",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        activation = attributes(node).get("activation", b"")
+        name = activation.decode() if isinstance(activation, bytes) else str(activation)
+        if name in FUSED_ACTIVATIONS:
+            super().analyze(node, ctx)
+            return
+        reason = f"FusedGemm with activation '{name}' (not known to be element-wise)"
+        freeze_inputs(node, ctx, reason)
+        weight = ctx.graph.input_constant(node, 1)
+        if weight is not None:
+            outputs = weight.shape[0] if self._transposed(node) else weight.shape[1]
+            produced = ctx.new_group(node.name, int(outputs), node.output[0], axis=1, rank=2)
+            ctx.freeze(produced, f"{reason} (node '{node.name}' makes it)")
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        return "a FusedGemm's output is after its activation, not linear"
+
+
+class MatMulHandler(_RowLayer):
+    """MatMul of an activation [..., K] by a constant matrix [K, N]."""
+
+    op_types: tuple[str, ...] = ("MatMul",)
+
+    def _not_a_layer(self, node: onnx.NodeProto, ctx: AnalysisContext) -> str | None:
+        """Why `node` is not activation x constant matrix, None when it is."""
         weight = ctx.graph.input_constant(node, 1)
         if weight is None or weight.ndim != 2 or ctx.graph.input_constant(node, 0) is not None:
-            freeze_inputs(node, ctx, "MatMul that is not activation x constant matrix")
+            return f"{node.op_type} that is not activation x constant matrix"
+        return None
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        reason = self._not_a_layer(node, ctx)
+        if reason is not None:
+            freeze_inputs(node, ctx, reason)
             return
+        weight = ctx.graph.input_constant(node, 1)
+        assert weight is not None
         rank = ctx.graph.rank(node.output[0])
         _register_sink(node, ctx)
         if rank is None:
             return
-        ctx.new_group(node.name, int(weight.shape[1]), node.output[0], axis=rank - 1, rank=rank)
+        outputs = weight.shape[0] if self._transposed(node) else weight.shape[1]
+        ctx.new_group(node.name, int(outputs), node.output[0], axis=rank - 1, rank=rank)
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
-        weight = editor.input_value(node, 1)
-        assert weight is not None
-        editor.set_input_value(node, 1, weight[:, kept])
+        self._slice_weight(node, kept, editor)
 
-    def output_rows(self, node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
-        weight = graph.input_constant(node, 1)
-        assert weight is not None
-        return weight.T
+    def macs(self, node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+        return _output_macs(node, shapes)
 
-    def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
-                  graph: GraphIndex) -> np.ndarray:
-        weight = graph.input_constant(node, 1)
-        assert weight is not None
-        return _sink_rows_gram(weight.T, sink, channels)
 
-    def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
-             kept: np.ndarray, editor: Editor) -> None:
-        weight = editor.input_value(node, 1)
-        assert weight is not None
-        rows = _fold_rows(weight.T, sink, reconstruction, kept, editor)
-        editor.set_input_value(node, 1, np.ascontiguousarray(rows.T))
+class FusedMatMulHandler(MatMulHandler):
+    """com.microsoft FusedMatMul Y = alpha * op(A) op(B): a MatMul when A is not transposed
+    (transA = transBatchA = transBatchB = 0) and B is a constant matrix (transB: stored
+    [N, K]). alpha scales every output and so commutes with slicing and folding."""
+
+    op_types: tuple[str, ...] = ("FusedMatMul",)
+
+    def _transposed(self, node: onnx.NodeProto) -> bool:
+        return bool(attributes(node).get("transB", 0))
+
+    def _not_a_layer(self, node: onnx.NodeProto, ctx: AnalysisContext) -> str | None:
+        attrs = attributes(node)
+        if any(attrs.get(name, 0) for name in ("transA", "transBatchA", "transBatchB")):
+            return "FusedMatMul that transposes its activation"
+        return super()._not_a_layer(node, ctx)
+
+    def refit_problem(self, node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+        if attributes(node).get("alpha", 1.0) != 1.0:
+            return "FusedMatMul with alpha != 1 is not refitted"
+        return super().refit_problem(node, weight)
+
+
+def _einsum_form(node: onnx.NodeProto) -> tuple[int, bool] | None:
+    """(position of the constant operand, whether it is stored [outputs, inputs]) of an Einsum
+    that is a MatMul by a matrix ("bij,jk->bik", "...j,kj->...k", "jk,bij->bik"); None for
+    any other equation."""
+    equation = attributes(node).get("equation", b"")
+    text = (equation.decode() if isinstance(equation, bytes) else str(equation)).replace(" ", "")
+    if "->" not in text or len(node.input) != 2:
+        return None
+    operands, output = text.split("->")
+    terms = operands.split(",")
+    if len(terms) != 2:
+        return None
+    for position in (1, 0):
+        weight, data = terms[position], terms[1 - position]
+        if len(weight) != 2 or not data or data[-1] not in weight:
+            continue
+        inner = data[-1]
+        outer = weight.replace(inner, "", 1)
+        prefix = data[:-1]
+        if len(outer) == 1 and outer not in data and inner not in prefix \
+                and output == prefix + outer and len(set(prefix.replace(".", ""))) == \
+                len(prefix.replace(".", "")):
+            return position, weight == outer + inner
+    return None
+
+
+class EinsumHandler(MatMulHandler):
+    """Einsum that multiplies an activation by a constant matrix, as TensorFlow exporters
+    write Dense layers ("bij,jk->bik"): a MatMul; its equation is kept (the contraction letters
+    do not depend on the sizes). Only the activation-first operand order is followed."""
+
+    op_types: tuple[str, ...] = ("Einsum",)
+
+    def _transposed(self, node: onnx.NodeProto) -> bool:
+        form = _einsum_form(node)
+        return form is not None and form[1]
+
+    def _not_a_layer(self, node: onnx.NodeProto, ctx: AnalysisContext) -> str | None:
+        form = _einsum_form(node)
+        if form is None or form[0] != 1:
+            return "Einsum that is not activation x constant matrix"
+        return super()._not_a_layer(node, ctx)

@@ -1,10 +1,14 @@
-"""Per-channel normalizations: BatchNormalization and InstanceNormalization (axis 1)."""
+"""Normalizations: BatchNormalization and InstanceNormalization (per channel, axis 1),
+LayerNormalization (channel-wise when it normalizes only axes after the channels) and
+GroupNormalization (channel-wise with one channel per group); over the channel axis they freeze
+the group they read, naming the node."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
+from onnx_spectral.graph.model import attributes
 from onnx_spectral.ops.base import (
     AnalysisContext,
     Editor,
@@ -19,7 +23,7 @@ from onnx_spectral.ops.base import (
 class NormalizationHandler(NoWeights):
     """Their scale, bias (and BN's mean and variance) inputs are sliced to the kept channels."""
 
-    op_types = ("BatchNormalization", "InstanceNormalization")
+    op_types: tuple[str, ...] = ("BatchNormalization", "InstanceNormalization")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = ctx.state(node.input[0])
@@ -44,3 +48,80 @@ class NormalizationHandler(NoWeights):
             value = editor.input_value(node, position)
             assert value is not None
             editor.set_input_value(node, position, value[kept])
+
+
+def _normalized_from(node: onnx.NodeProto, rank: int) -> int:
+    """First axis a LayerNormalization normalizes over (it normalizes that axis onwards)."""
+    return int(attributes(node).get("axis", -1)) % rank  # type: ignore[call-overload]
+
+
+class LayerNormalizationHandler(NoWeights):
+    """LayerNormalization normalizes the axes from `axis` on: channel-wise when the channel
+    axis comes before them (its scale and bias span only the normalized axes, so nothing is
+    sliced); over the channel axis it mixes the channels, and freezes the group it reads."""
+
+    op_types: tuple[str, ...] = ("LayerNormalization",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        state = ctx.state(node.input[0])
+        if state is None:
+            if any(name and ctx.state(name) is not None for name in node.input[1:]):
+                freeze_inputs(node, ctx, "LayerNormalization scale or bias computed from the "
+                                         "group")
+            return
+        reason = None
+        if not isinstance(state, Plain):
+            reason = "LayerNormalization of scattered channels"
+        elif state.axis >= _normalized_from(node, state.rank):
+            reason = "LayerNormalization normalizes over the channel axis"
+        elif any(name and ctx.graph.constant(name) is None for name in node.input[1:]):
+            reason = "LayerNormalization with non-constant scale or bias"
+        elif any(ctx.graph.consumers.get(name) for name in node.output[1:] if name):
+            reason = "LayerNormalization whose mean or inverse deviation is read"
+        if reason is not None:
+            freeze_inputs(node, ctx, reason)
+            return
+        ctx.set_state(node.output[0], state)
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        raise TypeError(f"LayerNormalization node '{node.name}' has no channel parameters")
+
+
+class GroupNormalizationHandler(NoWeights):
+    """GroupNormalization of NCHW tensors: channel-wise only with one channel per group
+    (num_groups == C, an instance normalization; scale and bias sliced, num_groups rewritten).
+    Larger groups normalize several channels together: the group reading it is frozen."""
+
+    op_types: tuple[str, ...] = ("GroupNormalization",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        state = ctx.state(node.input[0])
+        if state is None:
+            return
+        num_groups = int(attributes(node).get("num_groups", 0))  # type: ignore[call-overload]
+        channels = ctx.graph.static_shape(node.input[0], node.name)[1] \
+            if isinstance(state, Plain) else None
+        parameters = [ctx.graph.constant(name) for name in node.input[1:]]
+        reason = None
+        if not isinstance(state, Plain) or state.axis != 1:
+            reason = "GroupNormalization normalizes an axis other than channels"
+        elif num_groups != channels:
+            reason = (f"GroupNormalization normalizes {num_groups} groups of several channels "
+                      "together")
+        elif any(value is None or value.size != channels for value in parameters):
+            reason = "GroupNormalization with non-constant or per-group parameters"
+        if reason is not None:
+            freeze_inputs(node, ctx, reason)
+            return
+        assert isinstance(state, Plain)
+        ctx.add_member(state.group, Member(node.name, Role.CHANNELWISE, 1))
+        ctx.set_state(node.output[0], state)
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        for position in range(1, len(node.input)):
+            value = editor.input_value(node, position)
+            assert value is not None
+            editor.set_input_value(node, position, value[kept])
+        editor.set_attribute(node, "num_groups", int(kept.size))

@@ -37,8 +37,8 @@ def _plain_input(node: onnx.NodeProto, ctx: AnalysisContext) -> Plain | None:
 class PoolHandler(NoWeights):
     """Max/average/Lp pooling, local and global, over the spatial axes of NCHW tensors."""
 
-    op_types = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-                "GlobalLpPool")
+    op_types: tuple[str, ...] = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                                 "GlobalMaxPool", "GlobalLpPool")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = _plain_input(node, ctx)
@@ -60,7 +60,7 @@ class PoolHandler(NoWeights):
 class PadHandler(PoolHandler):
     """Pad whose pads (attribute or constant input) are zero on the channel axis."""
 
-    op_types = ("Pad",)
+    op_types: tuple[str, ...] = ("Pad",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = _plain_input(node, ctx)
@@ -87,7 +87,7 @@ class PadHandler(PoolHandler):
 class ResizeHandler(PoolHandler):
     """Resize / Upsample with a constant scale of 1 on the channel axis."""
 
-    op_types = ("Resize", "Upsample")
+    op_types: tuple[str, ...] = ("Resize", "Upsample")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = _plain_input(node, ctx)
@@ -112,7 +112,7 @@ class ResizeHandler(PoolHandler):
 class ReduceHandler(PoolHandler):
     """Reductions over axes other than the channel axis."""
 
-    op_types = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
+    op_types: tuple[str, ...] = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
                 "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
@@ -149,7 +149,7 @@ class ShapeHandler(NoWeights):
     Gather of constant indices that do not pick the channel axis (e.g. `x.size(0)`).
     """
 
-    op_types = ("Shape",)
+    op_types: tuple[str, ...] = ("Shape",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         state = ctx.state(node.input[0])

@@ -5,9 +5,9 @@ parts, whose channels it carries): its handlers slice and fold as if one channel
 into an editor that only records the new shapes of the constants they edit. An axis of a weight
 that lost ``s`` elements shrinks by ``s`` per channel removed from that group (1 for a Conv's
 channel axis, ``H*W`` for a flattened Gemm input). Parameters of an edited tensor are the
-product of its axis lengths; the MACs of a Conv, ConvTranspose, Gemm or MatMul are its MACs at
-full width times the fraction of its weight's elements that remain (for all four, MACs are the
-weight's element count times a factor the widths do not change).
+product of its axis lengths; the MACs of a linear layer (`ops.linear_layer.LinearLayer`) that
+scale with its weight (all of a Conv's, Gemm's or MatMul's; an LSTM's input part) are those at
+full width times the fraction of its weight's elements that remain.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import onnx
 
 from onnx_spectral.analysis import Analysis, ChannelGroup
 from onnx_spectral.graph.model import GraphIndex
-from onnx_spectral.ops import handler_for
+from onnx_spectral.ops import linear_layer_for, require_handler
 from onnx_spectral.selection.model_cost import ModelCost, model_cost
 from onnx_spectral.selection.widths import CostModel, CostTerm
-
-_LINEAR_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 class _ShapeEditor:
@@ -43,6 +41,9 @@ class _ShapeEditor:
     def set_attribute(self, node: onnx.NodeProto, name: str, value: object) -> None:
         del node, name, value  # attributes carry no cost
 
+    def remove_attribute(self, node: onnx.NodeProto, name: str) -> None:
+        del node, name  # attributes carry no cost
+
     def shapes(self) -> dict[tuple[str, int], tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in self._values.items()}
 
@@ -53,16 +54,12 @@ def _probe(graph: GraphIndex, group: ChannelGroup) -> dict[tuple[str, int], tupl
     kept = np.arange(group.channels - 1, dtype=np.int64)
     for member in group.members:
         node = graph.nodes_by_name[member.node]
-        handler = handler_for(node.op_type, node.domain)
-        assert handler is not None
-        handler.slice(node, member, kept, group.channels, editor)
+        require_handler(node).slice(node, member, kept, group.channels, editor)
     dropping = np.eye(group.channels)[:, : group.channels - 1]
     for tap in group.taps:
         for sink in tap.sinks:
             node = graph.nodes_by_name[sink.node]
-            handler = handler_for(node.op_type, node.domain)
-            assert handler is not None
-            handler.fold(node, sink, dropping, kept, editor)
+            require_handler(node).fold(node, sink, dropping, kept, editor)
     return editor.shapes()
 
 
@@ -113,8 +110,11 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             seen.add(name)
             varying_params += original.size
             param_terms.append(CostTerm(1.0, dims, table))
-        if _LINEAR_WEIGHT.get(node.op_type) == position and node_name in cost.macs_by_node:
-            scale = cost.macs_by_node[node_name] / max(original.size, 1)
+        layer = linear_layer_for(node)
+        if layer is not None and layer.weight_input == position \
+                and node_name in cost.macs_by_node:
+            share = layer.weight_mac_share(node, original)
+            scale = cost.macs_by_node[node_name] * share / max(original.size, 1)
             mac_terms.append(CostTerm(scale, dims, table))
     varying_macs = sum(term.scale * float(np.prod(term.dims)) for term in mac_terms)
     return GroupCosts(

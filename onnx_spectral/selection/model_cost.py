@@ -10,15 +10,18 @@ What is counted:
 - ``macs``: multiply-accumulates of one sample, for the nodes of the main graph only, after
   ``graph.normalize`` (nodes computed only from constants are folded away and not counted):
 
-  ==============  ==================================================================
-  Conv            output elements * C_in / group * prod(kernel)
-  ConvTranspose   input elements * C_out / group * prod(kernel)
-  Gemm            M * N * K
-  MatMul          broadcast batch product * M * N * K (= output elements * K)
-  ==============  ==================================================================
+  =================================  ===================================================
+  Conv, com.microsoft FusedConv      output elements * C_in / group * prod(kernel)
+  ConvTranspose                      input elements * C_out / group * prod(kernel)
+  Gemm, com.microsoft FusedGemm      M * N * K
+  MatMul, Einsum as a MatMul,        broadcast batch product * M * N * K
+  com.microsoft FusedMatMul          (= output elements * K)
+  LSTM, GRU, RNN                     steps * batch * (elements of W + elements of R)
+  =================================  ===================================================
 
-  Every other operator counts 0: element-wise ops, normalisations, pooling, activations,
-  bias additions, and quantized or fused kernels are not counted.
+  The counts are the `macs` of each op's handler (`ops.linear_layer.LinearLayer`). Every
+  other operator counts 0: element-wise ops, normalisations, pooling, activations, bias
+  additions, and quantized kernels are not counted.
 
 Shapes come from ``graph.normalize`` (constant folding, then ONNX shape inference) on a copy of
 the model in which the leading dimension of every graph input that is symbolic or unknown (the
@@ -31,15 +34,14 @@ size or sequence length) counts 0 and is listed in ``ModelCost.uncounted``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import onnx
 
 from onnx_spectral.graph.model import normalize
-
-Shape = tuple[int, ...]
-"""Static dimensions of a tensor."""
+from onnx_spectral.ops import linear_layer_for
+from onnx_spectral.ops.linear_layer import Shape
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,9 @@ class ModelCost:
         params: elements of the floating-point initializers that nodes read and of the
             floating-point ``Constant`` nodes.
         macs: multiply-accumulates of one sample (batch 1), summed over ``macs_by_node``.
-        macs_by_node: MACs of each Conv, ConvTranspose, Gemm and MatMul node of the main
-            graph, by node name as ``graph.normalize`` gives it (the model's name, made unique;
-            ``"<op_type>_<index>"`` for a node without one).
+        macs_by_node: MACs of each linear layer (Conv, ConvTranspose, Gemm, MatMul, ...) of
+            the main graph, by node name as ``graph.normalize`` gives it (the model's name,
+            made unique; ``"<op_type>_<index>"`` for a node without one).
         uncounted: names (as in ``macs_by_node``) of those nodes whose shapes are not static
             after fixing the batch to 1; each counts 0.
     """
@@ -77,10 +79,10 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
     macs_by_node: dict[str, int] = {}
     uncounted: list[str] = []
     for node in graph.node:
-        counter = _MAC_COUNTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if counter is None:
+        layer = linear_layer_for(node)
+        if layer is None:
             continue
-        macs = counter(node, shapes)
+        macs = layer.macs(node, shapes)
         if macs is None:
             uncounted.append(node.name)
             macs = 0
@@ -177,55 +179,3 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:
         if all(dim.HasField("dim_value") for dim in dims):
             shapes[value.name] = tuple(int(dim.dim_value) for dim in dims)
     return shapes
-
-
-def _attribute_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return int(attribute.i)
-    return default
-
-
-def _conv_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
-    # W: [C_out, C_in / group, *kernel], Y: [N, C_out, *out].
-    weight = shapes.get(node.input[1])
-    output = shapes.get(node.output[0])
-    if weight is None or output is None:
-        return None
-    return math.prod(output) * math.prod(weight[1:])
-
-
-def _conv_transpose_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
-    # W: [C_in, C_out / group, *kernel], X: [N, C_in, *in].
-    data = shapes.get(node.input[0])
-    weight = shapes.get(node.input[1])
-    if data is None or weight is None:
-        return None
-    return math.prod(data) * math.prod(weight[1:])
-
-
-def _gemm_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
-    a = shapes.get(node.input[0])
-    b = shapes.get(node.input[1])
-    if a is None or b is None or len(a) != 2 or len(b) != 2:
-        return None
-    rows, inner = a[::-1] if _attribute_int(node, "transA", 0) else a
-    columns = b[0] if _attribute_int(node, "transB", 0) else b[1]
-    return rows * columns * inner
-
-
-def _matmul_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
-    # Output elements are batch * M * N (numpy semantics, 1-D operands included); K is A's last.
-    a = shapes.get(node.input[0])
-    output = shapes.get(node.output[0])
-    if a is None or output is None or len(a) == 0:
-        return None
-    return math.prod(output) * a[-1]
-
-
-_MAC_COUNTERS: dict[str, Callable[[onnx.NodeProto, Mapping[str, Shape]], int | None]] = {
-    "Conv": _conv_macs,
-    "ConvTranspose": _conv_transpose_macs,
-    "Gemm": _gemm_macs,
-    "MatMul": _matmul_macs,
-}
