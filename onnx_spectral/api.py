@@ -1,15 +1,19 @@
-"""`compress`: the only place that orders the pipeline stages.
+"""`compress` and its steps: the only place that orders the pipeline stages.
 
-load -> analyze -> instrument + calibrate -> select -> rewrite -> verify -> report
+    load -> prepare (analyze, open data) -> decide_corrections -> shared_statistics -> plan
+         -> rewrite_model -> correct (refit) -> verify -> build_report
+
+Each step is a function of its own so that tools measure what users run: tools/bench_quality.py
+prepares and calibrates a model once, then plans, rewrites and corrects it once per method
+through the same steps, under the same rules (Gram budget, which corrections apply).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,6 @@ from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
-    Preprocess,
     SampleStream,
     fixed_batch_size,
     model_input_specs,
@@ -39,116 +42,74 @@ from onnx_spectral.calibration.stats_files import (
 )
 from onnx_spectral.calibration.tap_cost import gram_strides
 from onnx_spectral.correction.compensate import compensated_plans
-from onnx_spectral.correction.refit import MAX_FEATURES, refit_pruned
+from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import load_model
-from onnx_spectral.graph.sessions import Provider
-from onnx_spectral.report import GroupReport, Report
+from onnx_spectral.options import CompressOptions, with_overrides
+from onnx_spectral.report import Report, group_reports
 from onnx_spectral.rewrite import rewrite
-from onnx_spectral.selection.group_cost import group_costs
-from onnx_spectral.selection.model_cost import model_cost
-from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, Selection, plan_groups
-from onnx_spectral.selection.widths import ALLOCATIONS, Allocation
+from onnx_spectral.selection.group_cost import GroupCosts, group_costs
+from onnx_spectral.selection.model_cost import ModelCost, model_cost
+from onnx_spectral.selection.plan import PlannedGroup, plan_groups
 from onnx_spectral.verify import Verification, compare_models, reconstruction_error
+
+__all__ = ["CompressOptions", "calibrate_statistics", "compress"]
 
 
 @dataclass(frozen=True)
-class CompressOptions:
-    """Every setting of a compression run; defaults are the tool's defaults."""
+class Prepared:
+    """A loaded model, its analysis and its data, opened: what every later step reads.
 
-    ratio: float = 0.5
-    """Fraction of channels each prunable group keeps."""
-    theta: float = 0.5
-    """Loss mix: 1 reconstructs the activation, 0 what the next layer computes."""
-    ridge: float = 1e-3
-    """Relative ridge rho of the channel reconstructions: lambda = rho * trace(Sigma) / m (the
-    layer refit chooses its own by cross-validation)."""
-    batch_size: int = 32
-    calib_samples: int = 1000
-    verify_samples: int = 200
-    provider: Provider = "auto"
-    exclude: tuple[str, ...] = ()
-    """Producer nodes whose groups stay whole."""
-    seed: int = 0
-    round_to: int = 0
-    """Round kept widths up to a multiple of this; 0 (default) = `widths.AUTO_ROUND_TO` for
-    widths of at least `widths.AUTO_ROUND_FROM` in groups of at least `widths.AUTO_ROUND_MIN`
-    channels, else 1 (tools/bench_speed.py: ONNX Runtime's CPU convolutions run 2x faster on
-    widths that are multiples of 8)."""
-    selection: Selection = "spectral"
-    reconstruct: bool = True
-    preprocess: Preprocess | None = None
-    progress: bool = False
-    require_prunable: bool = False
-    """Raise UnsupportedGraphError, before calibrating, when no group can be pruned."""
-    gram_budget: float = 0.05
-    """The taps' Gram matrices may cost at most this share of the model's MACs; the taps
-    dearest against their sinks subsample positions to meet it, keeping at least 8 rows per
-    channel over `calib_samples` (`tap_cost`); 0: all positions. tools/bench_speed.py: 0.05
-    brings ResNet-50's calibration to 1.23x its inference (1.50x at 0.25)."""
-    flops: float | None = None
-    """Fraction of the whole model's MACs to keep; overrides `ratio`."""
-    params: float | None = None
-    """Fraction of the whole model's parameters to keep; overrides `ratio`."""
-    allocation: Allocation = "greedy"
-    """How a flops/params budget becomes group widths: uniform, dof or greedy."""
-    min_keep: int = 1
-    """No group keeps fewer channels (unless it has fewer)."""
-    compensation: bool = True
-    """Sequential compensation: reconstruct toward the original model's activations."""
-    affine: bool = False
-    """Affine reconstruction: offset folded into the sinks' biases (compensated taps too)."""
-    compensation_samples: int = 1000
-    """Calibration samples (the first ones) each compensation pass runs through both models."""
-    refit: bool = True
-    """Refit the linear layers downstream of the pruning toward the original's outputs
-    (`refit.py`); needs calibration batches (not saved statistics)."""
-    refit_features: int = MAX_FEATURES
-    """Layers whose receptive field has more input features are not refitted (cost ~ d^2)."""
+    `stream`: the calibration data (None with saved statistics and no data). `saved`: saved
+    statistics to select from instead of calibrating. `batch`: samples per ONNX Runtime run.
+    """
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise OptionsError(f"--ratio {self.ratio}: must lie in (0, 1]")
-        if not 0.0 <= self.theta <= 1.0:
-            raise OptionsError(f"--theta {self.theta}: must lie in [0, 1]")
-        if not self.ridge > 0.0:
-            raise OptionsError(f"--ridge {self.ridge}: must be > 0")
-        if self.round_to < 0:
-            raise OptionsError(f"--round-to {self.round_to}: must be >= 0 (0: automatic)")
-        for name in ("batch_size", "calib_samples", "compensation_samples", "refit_features"):
-            if getattr(self, name) < 1:
-                raise OptionsError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
-                                   "must be >= 1")
-        if self.verify_samples < 0:
-            raise OptionsError(f"--verify-samples {self.verify_samples}: must be >= 0")
-        if self.selection not in ("spectral", "l1", "random"):
-            raise OptionsError(f"selection '{self.selection}': accepted: spectral, l1, random")
-        if self.flops is not None and self.params is not None:
-            raise OptionsError("give one budget: --flops or --params, not both")
-        for name in ("flops", "params"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise OptionsError(f"--{name} {value}: must lie in (0, 1]")
-        if self.allocation not in ALLOCATIONS:
-            raise OptionsError(f"allocation '{self.allocation}': accepted: "
-                               f"{', '.join(ALLOCATIONS)}")
-        if self.min_keep < 1:
-            raise OptionsError(f"--min-keep {self.min_keep}: must be >= 1")
+    original: onnx.ModelProto
+    analysis: Analysis
+    stream: SampleStream | None
+    saved: SavedStatistics | None
+    batch: int
+    notes: tuple[str, ...]
 
-    def plan_options(self) -> PlanOptions:
-        return PlanOptions(ratio=self.ratio, theta=self.theta, rho=self.ridge,
-                           round_to=self.round_to, selection=self.selection,
-                           reconstruct=self.reconstruct, flops=self.flops, params=self.params,
-                           allocation=self.allocation, min_keep=self.min_keep,
-                           affine=self.affine)
 
-    def summary(self) -> dict[str, Any]:
-        """The options as plain values, for the report."""
-        values = dataclasses.asdict(self)
-        values["exclude"] = list(self.exclude)
-        values["preprocess"] = None if self.preprocess is None else str(self.preprocess)
-        return values
+@dataclass(frozen=True)
+class Corrections:
+    """Which corrections of the plain reconstruction a run applies; notes say what was skipped
+    and why."""
+
+    compensate: bool
+    refit: bool
+    notes: tuple[str, ...]
+
+    @property
+    def need_batches(self) -> bool:
+        """Whether calibration must keep its first batches for the correction passes."""
+        return self.compensate or self.refit
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What calibration leaves for the later steps, shared by every plan of one model.
+
+    `first_batches`: the first batches holding `compensation_samples` samples, kept for the
+    correction passes (empty unless asked for). `held_out`: the verification batches.
+    """
+
+    statistics: Statistics
+    instrumented: Instrumented
+    first_batches: tuple[FeedDict, ...]
+    held_out: tuple[FeedDict, ...]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Held-out agreement of the outputs (None without held-out data) and each pruned group's
+    mean relative reconstruction error over its taps, by group id."""
+
+    verification: Verification | None
+    group_errors: dict[int, float]
 
 
 class _StageClock:
@@ -180,103 +141,184 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     `calibration_data` is optional and only feeds held-out verification: its first
     `calib_samples` samples as recorded in the statistics are skipped, as a one-machine run would.
     """
-    options = dataclasses.replace(options or CompressOptions(), **overrides)
+    options = with_overrides(options, overrides)
     if calibration_data is None and statistics is None:
-        raise OptionsError("give calibration data, or saved statistics (--stats)")
+        raise OptionsError("give calibration_data, or saved statistics (statistics=)")
     clock = _StageClock()
     with clock("load"):
         original = load_model(model)
     with clock("analyze"):
-        analysis = analyze(original, options.exclude)
+        prepared = prepare(original, calibration_data, options, statistics)
+    corrections = decide_corrections(prepared, options)
+    with clock("calibrate"):
+        calibrated = shared_statistics(prepared, options, corrections.need_batches)
+    cost_before = model_cost(prepared.analysis.graph.model)
+    with clock("select"):
+        planned = plan(prepared, calibrated, options, corrections,
+                       group_costs(prepared.analysis, cost_before)
+                       if options.plan_options().budgeted else None)
+    with clock("rewrite"):
+        compressed = rewrite_model(prepared, planned)
+    with clock("refit") if corrections.refit else nullcontext():
+        compressed, correction_notes = correct(prepared, compressed, planned, calibrated,
+                                               options, corrections)
+    _stamp(compressed, original, options)
+    with clock("verify"):
+        verified = verify(prepared, compressed, calibrated, planned, options)
+    notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
+    report = build_report(prepared, calibrated, planned, verified, cost_before,
+                          model_cost(compressed), options, clock.seconds, notes)
+    return compressed, report
+
+
+def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
+            options: CompressOptions, statistics: SavedStatistics | str | Path | None = None
+            ) -> Prepared:
+    """Analyze `original` and open its data (and saved statistics, checked against it).
+
+    Raises UnsupportedGraphError when `require_prunable` and no group can be pruned.
+    """
+    analysis = analyze(original, options.exclude)
     if options.require_prunable and not analysis.prunable:
         raise UnsupportedGraphError(_nothing_prunable(analysis))
     specs = model_input_specs(analysis.graph.model)
-    saved = (None if statistics is None
-             else _saved_for(statistics, original, analysis.taps))
+    saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = (None if calibration_data is None
                   else open_calibration(calibration_data, specs, preprocess=options.preprocess,
                                         seed=options.seed))
     notes = [str(warning.message) for warning in caught]
+    if saved is not None:
+        notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     batch = fixed_batch_size(specs) or options.batch_size
-    plan_options = options.plan_options()
-    compensating = (options.compensation and plan_options.needs_statistics
-                    and options.reconstruct and bool(analysis.taps))
-    if compensating and (saved is not None or analysis.base_groups != analysis.prunable):
-        compensating = False
+    return Prepared(original, analysis, stream, saved, batch, tuple(notes))
+
+
+def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
+    """Sequential compensation and the layer refit where the options ask for them and they
+    apply; the notes say which were skipped and why."""
+    analysis = prepared.analysis
+    notes = []
+    compensate = (options.compensation and options.plan_options().needs_statistics
+                  and options.reconstruct and bool(analysis.taps))
+    if compensate and (prepared.saved is not None
+                       or analysis.base_groups != analysis.prunable):
+        compensate = False
         notes.append("sequential compensation was skipped: it needs calibration batches (not "
                      "saved statistics) and does not yet handle Concat/Split groups; the "
                      "reconstructions use parallel statistics")
-    refitting = options.refit and options.reconstruct and bool(analysis.prunable)
-    if refitting and saved is not None:
-        refitting = False
+    refit = options.refit and options.reconstruct and bool(analysis.prunable)
+    if refit and prepared.saved is not None:
+        refit = False
         notes.append("the layer refit was skipped: it needs calibration batches, not saved "
                      "statistics")
-    elif refitting and external_tensors.is_large(original):
-        refitting = False
+    elif refit and external_tensors.is_large(prepared.original):
+        refit = False
         notes.append("the layer refit was skipped: it does not yet handle models past 2 GiB")
-    with clock("calibrate"):
-        instrumented = instrument(analysis.graph, analysis.taps,
-                                  gram_strides(analysis.graph, analysis.taps, options.gram_budget,
-                                               options.calib_samples))
-        first_batches: list[FeedDict] = []
-        if saved is not None:
-            gathered = saved.statistics
-            held_out = ([] if stream is None
-                        else _after(stream, saved.calib_samples, options.verify_samples, batch))
-            notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
-        else:
-            assert stream is not None
-            n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
-                                             options.verify_samples)
-            calibration = stream.take(n_calib, batch)
-            if compensating or refitting:  # the first batches are read again by each pass
-                calibration = _teed(calibration, options.compensation_samples, first_batches)
-            gathered = (calibrate(instrumented, calibration, options.provider,
-                                  total_samples=n_calib, progress=options.progress)
-                        if analysis.taps and plan_options.needs_statistics
-                        else Statistics({}, 0))
-            held_out = list(stream.take(n_verify, batch))
-    notes.extend(gathered.notes)
-    notes.extend(_rank_notes(gathered, analysis))
-    cost_before = model_cost(analysis.graph.model)
-    costs = group_costs(analysis, cost_before) if plan_options.budgeted else None
-    with clock("select"):
-        if compensating:
-            planned = compensated_plans(analysis, gathered, plan_options, lambda: first_batches,
-                                        options.provider, costs)
-        else:
-            planned = plan_groups(analysis, gathered, plan_options, costs)
-    with clock("rewrite"):
-        compressed = rewrite(analysis, [item.plan for item in planned])
-    if refitting and first_batches:
-        with clock("refit"):
-            compressed, refit_notes = refit_pruned(analysis, compressed,
-                                                   [item.plan for item in planned],
-                                                   first_batches, options.provider,
-                                                   options.refit_features)
-        notes.extend(refit_notes)
-    _stamp(compressed, original, options)
-    with clock("verify"):
-        verification, group_errors = _verify(original, compressed, instrumented, planned,
-                                             held_out, options)
+    return Corrections(compensate, refit, tuple(notes))
+
+
+def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches: bool
+                      ) -> Calibrated:
+    """Calibrate on the first `calib_samples` samples (or take the saved statistics), under the
+    Gram budget; set the held-out batches apart; with `keep_batches`, keep the first batches
+    for the correction passes."""
+    analysis = prepared.analysis
+    instrumented = _instrumented(analysis, options)
+    stream = prepared.stream
+    first_batches: list[FeedDict] = []
+    if prepared.saved is not None:
+        gathered = prepared.saved.statistics
+        held_out = ([] if stream is None
+                    else _after(stream, prepared.saved.calib_samples, options.verify_samples,
+                                prepared.batch))
+    else:
+        assert stream is not None
+        n_calib, n_verify = split_counts(stream.known_length, options.calib_samples,
+                                         options.verify_samples)
+        calibration = stream.take(n_calib, prepared.batch)
+        if keep_batches:  # the first batches are read again by each correction pass
+            calibration = _teed(calibration, options.compensation_samples, first_batches)
+        gathered = (calibrate(instrumented, calibration, options.provider,
+                              total_samples=n_calib, progress=options.progress)
+                    if analysis.taps and options.plan_options().needs_statistics
+                    else Statistics({}, 0))
+        held_out = list(stream.take(n_verify, prepared.batch))
+    notes = (*gathered.notes, *_rank_notes(gathered, analysis))
+    return Calibrated(gathered, instrumented, tuple(first_batches), tuple(held_out), notes)
+
+
+def plan(prepared: Prepared, calibrated: Calibrated, options: CompressOptions,
+         corrections: Corrections, costs: GroupCosts | None) -> tuple[PlannedGroup, ...]:
+    """Widths, kept channels and reconstructions of every prunable group; compensated when
+    `corrections` say so. `costs`: the cost model, needed under a flops/params budget."""
+    plan_options = options.plan_options()
+    if corrections.compensate:
+        return compensated_plans(prepared.analysis, calibrated.statistics, plan_options,
+                                 lambda: calibrated.first_batches, options.provider, costs)
+    return plan_groups(prepared.analysis, calibrated.statistics, plan_options, costs)
+
+
+def rewrite_model(prepared: Prepared, planned: Sequence[PlannedGroup]) -> onnx.ModelProto:
+    """The model with the planned channels deleted and the reconstructions folded in."""
+    return rewrite(prepared.analysis, [item.plan for item in planned])
+
+
+def correct(prepared: Prepared, compressed: onnx.ModelProto, planned: Sequence[PlannedGroup],
+            calibrated: Calibrated, options: CompressOptions, corrections: Corrections
+            ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """Refit the layers downstream of the pruning when `corrections` say so; and its notes."""
+    if not (corrections.refit and calibrated.first_batches):
+        return compressed, ()
+    refitted, notes = refit_pruned(prepared.analysis, compressed, [item.plan for item in planned],
+                                   calibrated.first_batches, options.provider,
+                                   options.refit_features)
+    return refitted, tuple(notes)
+
+
+def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrated,
+           planned: Sequence[PlannedGroup], options: CompressOptions) -> Verified:
+    """Output agreement, and each pruned group's reconstruction error, on held-out data."""
+    held_out = calibrated.held_out
     if not held_out:
+        return Verified(None, {})
+    verification = compare_models(prepared.original, compressed, held_out, options.provider)
+    if not planned:
+        return Verified(verification, {})
+    statistics = calibrate(calibrated.instrumented, held_out, options.provider)
+    errors = {}
+    for item in planned:
+        plan = item.plan
+        per_tap = [reconstruction_error(statistics[tap.tensor], plan.kept,
+                                        plan.reconstructions[tap.tensor])
+                   for tap in plan.group.taps]
+        if per_tap:  # a group read only through concatenations has no tap of its own
+            errors[plan.group.id] = float(np.mean(per_tap))
+    return Verified(verification, errors)
+
+
+def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[PlannedGroup],
+                 verified: Verified, cost_before: ModelCost, cost_after: ModelCost,
+                 options: CompressOptions, seconds: dict[str, float], notes: Sequence[str]
+                 ) -> Report:
+    """The report of a run; notes on missing verification and an unchanged model added."""
+    notes = list(notes)
+    if not calibrated.held_out:
         notes.append("no held-out samples were left for verification: give more data or "
                      "lower --calib-samples")
-    if not analysis.prunable:
+    if not prepared.analysis.prunable:
         notes.append("no channel group is prunable: the model is unchanged (see the reasons)")
-    report = Report(
-        groups=_group_reports(analysis, planned, group_errors),
+    return Report(
+        groups=group_reports(prepared.analysis, planned, verified.group_errors),
         cost_before=cost_before,
-        cost_after=model_cost(compressed),
-        calibration_samples=gathered.samples,
-        verification=verification,
+        cost_after=cost_after,
+        calibration_samples=calibrated.statistics.samples,
+        verification=verified.verification,
         options=options.summary(),
-        seconds=clock.seconds,
+        seconds=seconds,
         warnings=tuple(notes),
     )
-    return compressed, report
 
 
 def _nothing_prunable(analysis: Analysis) -> str:
@@ -295,7 +337,7 @@ def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:
         if count is not None and count < tap.channels:
             notes.append(f"tensor '{tap.tensor}': {count} calibration rows (samples x positions)"
                          f" for {tap.channels} channels: its Gram matrix is singular and the "
-                         f"selection rests on the ridge alone; give at least {tap.channels} "
+                         f"reconstruction rests on the ridge alone; give at least {tap.channels} "
                          "samples")
     return notes
 
@@ -311,25 +353,30 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
     over the whole range up to float rounding. The result records the model's fingerprint and
     the taps (`stats_io`).
     """
-    options = dataclasses.replace(options or CompressOptions(), **overrides)
+    options = with_overrides(options, overrides)
     shard = shard or Shard(1, 1)
     original = load_model(model)
-    analysis = analyze(original, options.exclude)
-    specs = model_input_specs(analysis.graph.model)
-    stream = open_calibration(calibration_data, specs, preprocess=options.preprocess,
-                              seed=options.seed)
-    n_calib, _ = split_counts(stream.known_length, options.calib_samples, options.verify_samples)
+    prepared = prepare(original, calibration_data, options)
+    assert prepared.stream is not None
+    analysis = prepared.analysis
+    n_calib, _ = split_counts(prepared.stream.known_length, options.calib_samples,
+                              options.verify_samples)
     start, stop = shard.bounds(n_calib)
-    batch = fixed_batch_size(specs) or options.batch_size
-    _skip(stream, start, batch)
-    instrumented = instrument(analysis.graph, analysis.taps,
-                              gram_strides(analysis.graph, analysis.taps, options.gram_budget,
-                                           options.calib_samples))
-    gathered = (calibrate(instrumented, stream.take(stop - start, batch), options.provider,
+    _skip(prepared.stream, start, prepared.batch)
+    gathered = (calibrate(_instrumented(analysis, options),
+                          prepared.stream.take(stop - start, prepared.batch), options.provider,
                           total_samples=stop - start, progress=options.progress)
                 if analysis.taps else Statistics({}, 0))
     return SavedStatistics(gathered, model_fingerprint(original),
                            tuple(TapKey.of(tap) for tap in analysis.taps), n_calib, (shard,))
+
+
+def _instrumented(analysis: Analysis, options: CompressOptions) -> Instrumented:
+    """The model with its taps' statistics as outputs, positions subsampled to the Gram
+    budget."""
+    return instrument(analysis.graph, analysis.taps,
+                      gram_strides(analysis.graph, analysis.taps, options.gram_budget,
+                                   options.calib_samples))
 
 
 def _skip(stream: SampleStream, count: int, batch: int) -> None:
@@ -366,53 +413,6 @@ def _stamp(compressed: onnx.ModelProto, original: onnx.ModelProto,
     entry.value = str(options.summary())
 
 
-def _verify(original: onnx.ModelProto, compressed: onnx.ModelProto,
-            instrumented: Instrumented, planned: Sequence[PlannedGroup],
-            held_out: Sequence[FeedDict], options: CompressOptions
-            ) -> tuple[Verification | None, dict[int, float]]:
-    """Output agreement, and each pruned group's reconstruction error, on held-out data."""
-    if not held_out:
-        return None, {}
-    verification = compare_models(original, compressed, held_out, options.provider)
-    if not planned:
-        return verification, {}
-    statistics = calibrate(instrumented, held_out, options.provider)
-    errors = {}
-    for item in planned:
-        plan = item.plan
-        per_tap = [reconstruction_error(statistics[tap.tensor], plan.kept,
-                                        plan.reconstructions[tap.tensor])
-                   for tap in plan.group.taps]
-        if per_tap:  # a group read only through concatenations has no tap of its own
-            errors[plan.group.id] = float(np.mean(per_tap))
-    return verification, errors
-
-
-def _group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
-                   errors: dict[int, float]) -> tuple[GroupReport, ...]:
-    kept = {item.plan.group.id: int(item.plan.kept.size) for item in planned}
-    by_id = {item.plan.group.id: item for item in planned}
-    return tuple(
-        GroupReport(
-            id=group.id,
-            producers=group.producers,
-            channels=group.channels,
-            kept=kept.get(group.id, group.channels),
-            heldout_error=errors.get(group.id),
-            frozen=group.frozen,
-            spectrum=_spectrum(by_id.get(group.id)),
-            dof=None if group.id not in by_id else by_id[group.id].dof,
-        )
-        for group in analysis.groups
-    )
-
-
-def _spectrum(item: PlannedGroup | None) -> tuple[float, ...]:
-    if item is None or item.spectrum is None:
-        return ()
-    return tuple(float(value) for value in item.spectrum)
-
-
 def _teed(batches: Iterable[FeedDict], count: int, kept: list[FeedDict]
           ) -> Iterator[FeedDict]:
     """Yield `batches`, appending to `kept` the first whole batches that hold at least `count`
@@ -423,5 +423,3 @@ def _teed(batches: Iterable[FeedDict], count: int, kept: list[FeedDict]
             kept.append(feeds)
             left -= len(next(iter(feeds.values())))
         yield feeds
-
-

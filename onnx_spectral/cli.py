@@ -14,15 +14,15 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import onnx
 
 from onnx_spectral.analysis import analyze
 from onnx_spectral.api import CompressOptions, calibrate_statistics, compress
-from onnx_spectral.calibration.sources import Preprocess
 from onnx_spectral.calibration.stats_files import (
     Shard,
     load_statistics,
@@ -42,10 +42,10 @@ from onnx_spectral.errors import (
 )
 from onnx_spectral.graph import atomic
 from onnx_spectral.graph.model import load_model
+from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
 from onnx_spectral.plots import require_matplotlib, write_plots
 from onnx_spectral.report import analysis_dict, format_analysis, format_seconds
 from onnx_spectral.selection.model_cost import model_cost
-from onnx_spectral.selection.widths import ALLOCATIONS
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -63,15 +63,84 @@ INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT)."""
 
 
+DEBUG_VARIABLE = "ONNX_SPECTRAL_DEBUG"
+"""Set to 1 to print the traceback of an error, as --debug does."""
+_COMMAND_OPTIONS = ("calib_samples", "verify_samples", "batch_size", "provider", "exclude",
+                    "seed", "preprocess", "gram_budget")
+"""The options of `onnx-spectral calibrate` (the calibration's part of compression's)."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors raised as OptionsError: one line, exit code 2."""
+    """argparse with its errors raised as OptionsError: one line, exit code 2; with --debug."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help=f"print the traceback of an error (or set {DEBUG_VARIABLE}=1)")
 
     def error(self, message: str) -> NoReturn:
         raise OptionsError(f"{message} (see {self.prog} --help)")
 
 
-def _compress_parser() -> argparse.ArgumentParser:
+def _flag(name: str) -> str:
+    """The command-line flag of a CompressOptions field."""
+    return option_specs()[name].flag or "--" + name.replace("_", "-")
+
+
+FLAGS = Terms(_flag, lambda name, value: f"{_flag(name)} {value}")
+"""The command line's terms for options: their flags."""
+
+
+def _add_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One argument per command-line option of CompressOptions (or of those `names`)."""
     defaults = CompressOptions()
+    types = field_types()
+    exclusive: dict[str, Any] = {}
+    for name, spec in option_specs().items():
+        if spec.flag is None or (names is not None and name not in names):
+            continue
+        default = getattr(defaults, name) if spec.cli_default is None else spec.cli_default
+        if spec.exclusive is not None and spec.exclusive not in exclusive:
+            exclusive[spec.exclusive] = parser.add_mutually_exclusive_group()
+        target = parser if spec.exclusive is None else exclusive[spec.exclusive]
+        if spec.switch == "pair":
+            pair = parser.add_mutually_exclusive_group()
+            on = "on" if default else "off"
+            pair.add_argument(_flag(name), dest=name, action="store_true", default=default,
+                              help=f"{spec.help} (default {on})")
+            pair.add_argument("--no-" + _flag(name)[2:], dest=name, action="store_false")
+        elif spec.switch in ("on", "off"):
+            action = "store_true" if spec.switch == "on" else "store_false"
+            target.add_argument(_flag(name), dest=name, default=default, action=action,
+                                help=spec.flag_help or spec.help)
+        else:
+            shown = "" if default in (None, ()) else " (default %(default)s)"
+            target.add_argument(_flag(name), dest=name, default=default, metavar=spec.metavar,
+                                type=spec.parse or _scalar(types[name]),
+                                choices=choices(types[name]), nargs="+" if spec.many else None,
+                                help=spec.help + shown)
+
+
+def _scalar(kind: Any) -> Callable[[str], Any]:
+    """How argparse reads one value of a field of type `kind`."""
+    if kind is int:
+        return int
+    if kind is float or kind == float | None:
+        return float
+    return str
+
+
+def _options(args: argparse.Namespace, **extra: Any) -> CompressOptions:
+    """CompressOptions from parsed arguments (and `extra` fields); errors name the flags."""
+    specs = option_specs()
+    values = {name: getattr(args, name) for name in specs if hasattr(args, name)}
+    values.update({name: tuple(value) for name, value in values.items() if specs[name].many})
+    values.update(extra)
+    check_values(values, FLAGS)
+    return CompressOptions(**values)
+
+
+def _compress_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-spectral",
         description="Prune the channels of an ONNX model by spectral pruning. "
@@ -85,127 +154,76 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats", type=Path,
                         help="select from saved statistics (onnx-spectral calibrate / "
                              "merge-stats) instead of calibrating")
-    parser.add_argument("--ratio", type=float, default=defaults.ratio,
-                        help="fraction of channels each prunable group keeps (default %(default)s)")
-    parser.add_argument("--theta", type=float, default=defaults.theta,
-                        help="1: reconstruct activations; 0: reconstruct the next layer's "
-                             "output (default %(default)s)")
-    parser.add_argument("--ridge", type=float, default=defaults.ridge,
-                        help="relative ridge rho of the channel reconstructions, lambda = "
-                             "rho * trace(Sigma)/m (default %(default)s; the layer refit "
-                             "chooses its own by cross-validation)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
-    parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
-                        help="held-out samples, taken after the calibration samples")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=defaults.provider)
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
-                        help="producer nodes whose channel groups stay whole")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--round-to", type=int, default=defaults.round_to,
-                        help="round kept widths up to a multiple of this; 0 (default): 8 for "
-                             "widths of 32 or more in groups of 64 channels or more, else 1")
-    parser.add_argument("--selection", choices=("spectral", "l1", "random"),
-                        default=defaults.selection,
-                        help="channel choice: spectral (default) or filter L1 norm (baseline)")
-    parser.add_argument("--no-reconstruction", action="store_true",
-                        help="drop channels without folding a reconstruction (baseline)")
-    parser.add_argument("--preprocess", type=Preprocess.parse, default=None,
-                        help="for image folders, e.g. 'resize=256,crop=224,"
-                             "mean=0.485:0.456:0.406,std=0.229:0.224:0.225'")
     parser.add_argument("--report", type=Path, help="also write the report as JSON here")
     parser.add_argument("--external-data", action="store_true",
                         help="write the tensors to OUT.<digest>.data beside OUT (automatic when "
                              "the input has external data or the tensors exceed 2 GB)")
-    parser.add_argument("--allow-unchanged", action="store_true",
-                        help="write the model even when no channel group can be pruned "
-                             "(default: exit 6 and write nothing)")
-    _add_gram_budget(parser, defaults)
-    _add_budget_arguments(parser, defaults)
-    return parser
-
-
-def _add_budget_arguments(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--flops", type=float, default=defaults.flops, metavar="R",
-                        help="fraction of the whole model's MACs to keep (overrides --ratio)")
-    budget.add_argument("--params", type=float, default=defaults.params, metavar="R",
-                        help="fraction of the whole model's parameters to keep "
-                             "(overrides --ratio)")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
-                        help="per-group widths under --flops/--params: uniform, dof (degrees of "
-                             "freedom of the spectrum) or greedy (loss curve per unit of cost) "
-                             "(default %(default)s)")
-    parser.add_argument("--min-keep", type=int, default=defaults.min_keep,
-                        help="no group keeps fewer channels (default %(default)s)")
-    compensation = parser.add_mutually_exclusive_group()
-    compensation.add_argument("--compensation", dest="compensation", action="store_true",
-                              default=defaults.compensation,
-                              help="sequential compensation: reconstruct toward the original "
-                                   "model's activations (one extra calibration pass per layer)")
-    compensation.add_argument("--no-compensation", dest="compensation", action="store_false")
-    parser.add_argument("--compensation-samples", type=int,
-                        default=defaults.compensation_samples,
-                        help="calibration samples each compensation and refit pass runs "
-                             "(default %(default)s)")
-    refit = parser.add_mutually_exclusive_group()
-    refit.add_argument("--refit", dest="refit", action="store_true", default=defaults.refit,
-                       help="refit the Conv/Gemm/MatMul layers downstream of the pruning (whole "
-                            "kernels and biases) toward the original's outputs (one extra pass "
-                            "per layer; default on)")
-    refit.add_argument("--no-refit", dest="refit", action="store_false")
-    parser.add_argument("--refit-features", type=int, default=defaults.refit_features,
-                        help="layers with more input features (channels x kernel) are not "
-                             "refitted: the fit costs rows x features^2 (default %(default)s)")
-    parser.add_argument("--affine", action="store_true",
-                        help="affine reconstruction: fold a per-channel offset into the sinks' "
-                             "biases (compensated layers included)")
     parser.add_argument("--plots", type=Path, metavar="DIR",
                         help="write PNG figures (spectra, widths) here; needs matplotlib")
+    _add_options(parser)
+    return parser
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-spectral analyze",
-                                     description="List the channel groups of a model.")
+                     description="List the channel groups of a model.")
     parser.add_argument("input", type=Path, help="model to analyze (.onnx)")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_options(parser, ["exclude"])
     return parser
 
 
-def _run_compress(argv: Sequence[str]) -> int:
+class _Outputs:
+    """The files a command has written so far and those it still means to write, for the error
+    line of a late failure."""
+
+    def __init__(self) -> None:
+        self.written: list[Path] = []
+        self.pending: list[Path] = []
+
+    def expect(self, *paths: Path | None) -> None:
+        """The outputs (files, the plots folder) the command is about to write."""
+        self.pending = [path for path in paths if path is not None]
+
+    def wrote(self, output: Path, files: Sequence[Path] = ()) -> None:
+        """`output` is written, as `files` (default: itself)."""
+        self.written.extend(files or [output])
+        self.pending.remove(output)
+
+    def state(self) -> str:
+        """What was and was not written, for an error line."""
+        if not self.written:
+            return "no output was written"
+        missing = f"; not written: {', '.join(map(str, self.pending))}" if self.pending else ""
+        return f"wrote {', '.join(map(str, self.written))}{missing}"
+
+
+def _run_compress(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _compress_parser().parse_args(argv)
     _check_paths(args.input, args.output, args.report)
     if args.plots is not None:
         require_matplotlib()  # fail before anything is written, not after the model
-    options = CompressOptions(
-        ratio=args.ratio, theta=args.theta, ridge=args.ridge, batch_size=args.batch_size,
-        calib_samples=args.calib_samples, verify_samples=args.verify_samples,
-        provider=args.provider, exclude=tuple(args.exclude), seed=args.seed,
-        round_to=args.round_to, selection=args.selection,
-        reconstruct=not args.no_reconstruction, preprocess=args.preprocess,
-        progress=sys.stderr.isatty(), require_prunable=not args.allow_unchanged,
-        gram_budget=args.gram_budget, flops=args.flops, params=args.params,
-        allocation=args.allocation, min_keep=args.min_keep, compensation=args.compensation,
-        compensation_samples=args.compensation_samples, affine=args.affine, refit=args.refit,
-        refit_features=args.refit_features,
-    )
+    options = _options(args, progress=sys.stderr.isatty())
     if args.calib is None and args.stats is None:
         raise OptionsError("give --calib DATA, or --stats STATS.npz written by `onnx-spectral "
                            "calibrate` (see onnx-spectral --help)")
     model, report = compress(args.input, args.calib, options, statistics=args.stats)
+    table = report.format() + "\n" + format_seconds(report.seconds)  # before writing anything
+    report_json = report.to_json()
+    outputs.expect(args.output, args.report, args.plots)
     external = args.external_data or _has_external_data(args.input)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    written = atomic.save_model(model, args.output, external_data=external)
+    outputs.wrote(args.output, atomic.save_model(model, args.output, external_data=external))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(args.report, report.to_json())
-    print(report.format())
-    print(format_seconds(report.seconds))
-    print("wrote " + ", ".join(str(path) for path in written))
+        atomic.write_text(args.report, report_json)
+        outputs.wrote(args.report)
+    print(table)
+    print("wrote " + ", ".join(str(path) for path in outputs.written))
     if args.plots is not None:
-        for path in write_plots(report, args.plots):
-            print(f"wrote {path}")
+        figures = write_plots(report, args.plots)
+        outputs.wrote(args.plots, figures)
+        print("\n".join(f"wrote {path}" for path in figures))
     return 0
 
 
@@ -245,7 +263,7 @@ def _check_writable(path: Path) -> None:
                            f"({exc.strerror}); give a writable output path") from exc
 
 
-def _run_analyze(argv: Sequence[str]) -> int:
+def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _analyze_parser().parse_args(argv)
     model = load_model(args.input)
     analysis = analyze(model, args.exclude)
@@ -258,8 +276,7 @@ def _run_analyze(argv: Sequence[str]) -> int:
 
 
 def _calibrate_parser() -> argparse.ArgumentParser:
-    defaults = CompressOptions()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-spectral calibrate",
         description="Gather channel statistics (or one shard of them) without compressing.")
     parser.add_argument("input", type=Path, help="model to calibrate (.onnx)")
@@ -269,49 +286,33 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", type=Shard.parse, default=Shard(1, 1),
                         help="I/N: calibrate the I-th of N contiguous parts (1-based) of the "
                              "first --calib-samples samples")
-    parser.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
-    parser.add_argument("--verify-samples", type=int, default=defaults.verify_samples,
-                        help="as for compression: short data keeps these back from the range")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=defaults.provider)
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--preprocess", type=Preprocess.parse, default=None)
-    _add_gram_budget(parser, defaults)
+    _add_options(parser, _COMMAND_OPTIONS)
     return parser
 
 
-def _add_gram_budget(parser: argparse.ArgumentParser, defaults: CompressOptions) -> None:
-    parser.add_argument("--gram-budget", type=float, default=defaults.gram_budget,
-                        help="calibration's Gram matrices may cost at most this share of the "
-                             "model's MACs; taps whose Gram is dear against the layers reading "
-                             "them subsample positions to meet it (0: every position; default "
-                             "%(default)s)")
-
-
-def _run_calibrate(argv: Sequence[str]) -> int:
+def _run_calibrate(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _calibrate_parser().parse_args(argv)
-    options = CompressOptions(batch_size=args.batch_size, calib_samples=args.calib_samples,
-                              verify_samples=args.verify_samples, provider=args.provider,
-                              exclude=tuple(args.exclude), seed=args.seed,
-                              preprocess=args.preprocess, progress=sys.stderr.isatty(),
-                              gram_budget=args.gram_budget)
+    options = _options(args, progress=sys.stderr.isatty())
     saved = calibrate_statistics(args.input, args.calib, options, shard=args.shard)
+    outputs.expect(args.output)
     atomic.write_atomically(args.output, lambda path: save_statistics(path, saved))
+    outputs.wrote(args.output)
     print(f"shard {args.shard}: {saved.statistics.samples} samples, {len(saved.taps)} taps; "
           f"wrote {args.output}")
     return 0
 
 
-def _run_merge(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="onnx-spectral merge-stats",
-                                     description="Add the statistics of calibration shards.")
+def _run_merge(argv: Sequence[str], outputs: _Outputs) -> int:
+    parser = _Parser(prog="onnx-spectral merge-stats",
+                     description="Add the statistics of calibration shards.")
     parser.add_argument("inputs", type=Path, nargs="+", help="statistics files (.npz)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
     merged = merge_statistics([load_statistics(path) for path in args.inputs],
                               [str(path) for path in args.inputs])
+    outputs.expect(args.output)
     atomic.write_atomically(args.output, lambda path: save_statistics(path, merged))
+    outputs.wrote(args.output)
     missing = merged.missing_shards()
     if missing:
         print(f"warning: shards {', '.join(missing)} are missing", file=sys.stderr)
@@ -320,37 +321,49 @@ def _run_merge(argv: Sequence[str]) -> int:
     return 0
 
 
+_COMMANDS: dict[str, Callable[[Sequence[str], _Outputs], int]] = {
+    "analyze": _run_analyze, "calibrate": _run_calibrate, "merge-stats": _run_merge}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnx-spectral` console script; returns the exit code.
 
     Every failure prints one line `onnx-spectral: error: ...` to stderr and returns its code
-    (EXIT_CODES, INTERNAL_ERROR, INTERRUPTED); nothing is written unless the run succeeds.
+    (EXIT_CODES, INTERNAL_ERROR, INTERRUPTED); the line says what was written when a failure
+    comes after the first output. With --debug (or ONNX_SPECTRAL_DEBUG=1) the traceback
+    follows.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    outputs = _Outputs()
+    command = _COMMANDS.get(arguments[0]) if arguments else None
     try:
-        if arguments[:1] == ["analyze"]:
-            return _run_analyze(arguments[1:])
-        if arguments[:1] == ["calibrate"]:
-            return _run_calibrate(arguments[1:])
-        if arguments[:1] == ["merge-stats"]:
-            return _run_merge(arguments[1:])
-        return _run_compress(arguments)
-    except SpectralError as exc:
-        print(f"onnx-spectral: error: {exc}", file=sys.stderr)
-        return next((code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), 1)
+        if command is not None:
+            return command(arguments[1:], outputs)
+        return _run_compress(arguments, outputs)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
-        print("onnx-spectral: interrupted; no output was written", file=sys.stderr)
-        return INTERRUPTED
+        return _fail(INTERRUPTED, f"interrupted; {outputs.state()}", debug, prefix="")
     except MemoryError:
-        print("onnx-spectral: error: out of memory; lower --batch-size or use a larger "
-              "machine; no output was written", file=sys.stderr)
-        return EXIT_CODES[ResourceError]
-    except Exception as exc:  # a bug: one line, the code says so, and nothing was written
-        print(f"onnx-spectral: internal error: {type(exc).__name__}: {exc} (please report "
-              "this; no output was written)", file=sys.stderr)
-        return INTERNAL_ERROR
+        return _fail(EXIT_CODES[ResourceError], "out of memory; lower --batch-size or use a "
+                     f"larger machine; {outputs.state()}", debug)
+    except SpectralError as exc:
+        late = "" if not outputs.written else f" ({outputs.state()})"
+        code = next((code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), 1)
+        return _fail(code, f"{exc}{late}", debug)
+    except Exception as exc:  # a bug: one line, the code says so, and what was written
+        hint = "" if debug else f"; rerun with --debug or {DEBUG_VARIABLE}=1 for the traceback"
+        return _fail(INTERNAL_ERROR, f"{type(exc).__name__}: {exc} (please report this{hint}; "
+                     f"{outputs.state()})", debug, prefix="internal error: ")
+
+
+def _fail(code: int, message: str, debug: bool, prefix: str = "error: ") -> int:
+    """Print the error line (after the traceback with `debug`); return `code`."""
+    if debug:
+        traceback.print_exc()
+    print(f"onnx-spectral: {prefix}{message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Needs matplotlib (the `plots` extra: `pip install onnx-spectral[plots]`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from onnx_spectral.errors import OptionsError
-from onnx_spectral.report import Report
+from onnx_spectral.report import GroupReport, Report
 
 
 def require_matplotlib() -> None:
@@ -16,7 +17,7 @@ def require_matplotlib() -> None:
     _pyplot()
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -36,13 +37,11 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     for group in groups:
         if group.spectrum:
             values = [max(value, 1e-12) for value in group.spectrum]
-            axes.semilogy(range(1, len(values) + 1), values,
-                          label=f"group {group.id} ({group.producers[0]}), dof "
-                                f"{group.dof:.1f}" if group.dof is not None else "")
+            axes.semilogy(range(1, len(values) + 1), values, label=_label(group))
     axes.set_xlabel("eigenvalue index")
     axes.set_ylabel("eigenvalue of Sigma / trace(Sigma)")
     axes.set_title("Spectrum of each pruned group")
-    if groups:
+    if any(group.spectrum for group in groups):
         axes.legend(fontsize=7)
     spectra = folder / "spectra.png"
     figure.tight_layout()
@@ -64,3 +63,9 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     figure.savefig(widths, dpi=120)
     plt.close(figure)
     return [spectra, widths]
+
+
+def _label(group: GroupReport) -> str:
+    """Legend entry of a group's spectrum: its id, where it comes from, its dof if known."""
+    dof = "" if group.dof is None else f", dof {group.dof:.1f}"
+    return f"group {group.id} ({group.origin}){dof}"

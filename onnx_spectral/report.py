@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from onnx_spectral.analysis import Analysis
+from onnx_spectral.analysis import Analysis, Part
 from onnx_spectral.selection.model_cost import ModelCost
+from onnx_spectral.selection.plan import PlannedGroup
 from onnx_spectral.verify import Verification
 
 
@@ -30,6 +31,25 @@ class GroupReport:
     """Eigenvalues of Sigma / trace(Sigma), descending (empty when not computed)."""
     dof: float | None = None
     """Degrees of freedom N(lambda) = sum mu / (mu + lambda) at lambda = the relative ridge."""
+    parts: tuple[Part, ...] = ()
+    """A Concat/Split group's pieces: (base group id or None when untracked, offset, size)."""
+
+    @property
+    def origin(self) -> str:
+        """Where the channels come from, in a few words: the first producer (and how many
+        more), the groups a Concat/Split group is made of ("?": an untracked part), or "-"
+        when neither is known (a piece of a Split)."""
+        pieces = ", ".join("?" if part is None else str(part) for part, _, _ in self.parts)
+        if self.producers:
+            more = len(self.producers) - 1
+            name = self.producers[0] + (f" (+{more})" if more else "")
+            return f"{name} (parts {pieces})" if self.parts else name
+        return f"concat/split of {pieces}" if self.parts else "-"
+
+    @property
+    def status(self) -> str:
+        """The status column: pruned, or frozen with its first reason."""
+        return "frozen: " + self.frozen[0] if self.frozen else "pruned"
 
 
 @dataclass(frozen=True)
@@ -66,13 +86,10 @@ class Report:
         """The table the CLI prints."""
         rows = [("group", "producer", "channels", "dof", "held-out rel. error", "status")]
         for group in self.groups:
-            producer = group.producers[0] + (f" (+{len(group.producers) - 1})"
-                                             if len(group.producers) > 1 else "")
             error = "-" if group.heldout_error is None else f"{group.heldout_error:.4f}"
-            status = "pruned" if not group.frozen else "frozen: " + group.frozen[0]
             dof = "-" if group.dof is None else f"{group.dof:.1f}"
-            rows.append((str(group.id), producer, f"{group.channels} -> {group.kept}", dof,
-                         error, status))
+            rows.append((str(group.id), group.origin, f"{group.channels} -> {group.kept}", dof,
+                         error, group.status))
         lines = _table(rows)
         lines.append("")
         lines.append(_ratio_line("parameters", self.cost_before.params, self.cost_after.params))
@@ -89,6 +106,33 @@ class Report:
         return "\n".join(lines)
 
 
+def group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
+                  errors: Mapping[int, float]) -> tuple[GroupReport, ...]:
+    """One GroupReport per group of `analysis`, in its order; `errors`: held-out error by group
+    id."""
+    by_id = {item.plan.group.id: item for item in planned}
+    return tuple(
+        GroupReport(
+            id=group.id,
+            producers=group.producers,
+            channels=group.channels,
+            kept=int(by_id[group.id].plan.kept.size) if group.id in by_id else group.channels,
+            heldout_error=errors.get(group.id),
+            frozen=group.frozen,
+            spectrum=_spectrum(by_id.get(group.id)),
+            dof=None if group.id not in by_id else by_id[group.id].dof,
+            parts=group.parts,
+        )
+        for group in analysis.groups
+    )
+
+
+def _spectrum(item: PlannedGroup | None) -> tuple[float, ...]:
+    if item is None or item.spectrum is None:
+        return ()
+    return tuple(float(value) for value in item.spectrum)
+
+
 def format_seconds(seconds: Mapping[str, float]) -> str:
     """One line: wall-clock seconds per pipeline stage and their total."""
     stages = ", ".join(f"{stage} {value:.1f}" for stage, value in seconds.items())
@@ -100,7 +144,7 @@ def _ratio_line(label: str, before: int, after: int) -> str:
     return f"{label}: {before:,} -> {after:,} ({100 * share:.1f}% kept)"
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in rows]

@@ -191,7 +191,7 @@ def test_cli_writes_plots(tmp_path: object) -> None:
 def test_both_budgets_are_refused() -> None:
     from onnx_spectral import CompressOptions
 
-    with pytest.raises(OptionsError, match="--flops or --params"):
+    with pytest.raises(OptionsError, match="flops or params"):
         CompressOptions(flops=0.5, params=0.5)
     with pytest.raises(OptionsError, match="allocation"):
         CompressOptions(allocation="best")  # type: ignore[arg-type]
