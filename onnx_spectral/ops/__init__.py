@@ -14,6 +14,7 @@ import onnx
 from onnx_spectral.errors import GraphError
 from onnx_spectral.ops.base import OpHandler
 from onnx_spectral.ops.concat import ConcatHandler, SliceHandler, SplitHandler
+from onnx_spectral.ops.contrib import MICROSOFT, register_schemas
 from onnx_spectral.ops.conv import ConvHandler, ConvTransposeHandler, FusedConvHandler
 from onnx_spectral.ops.elementwise import ArithmeticHandler, UnaryHandler
 from onnx_spectral.ops.layout import LayoutHandler
@@ -39,8 +40,7 @@ from onnx_spectral.ops.spatial import (
     ShapeHandler,
 )
 
-MICROSOFT = "com.microsoft"
-"""Domain of the contrib ops ONNX Runtime's extended graph optimizations write."""
+register_schemas()  # shape inference of the com.microsoft fused ops
 
 _HANDLERS: tuple[tuple[str, OpHandler], ...] = (
     ("", ConvHandler()),
