@@ -7,16 +7,18 @@ No fine-tuning; every method gets the same calibration data, the same test data 
 MAC budget (fraction of the whole model's MACs kept, `--flops`). Task metrics: MNIST test
 accuracy (10,000 images); CREPE raw pitch accuracy (RPA) and median cents error on 2,000 fresh
 tones; PP-OCR top-1 agreement with the original on 400 held-out page-line crops. The stages
-are run once per model where the statistics are the same: one analysis, one
-calibration (its statistics serve every method), one cost model; each method then only plans
-(selection, widths, and its compensation passes when it has them), rewrites and, with
-"refit", refits the layers downstream of the pruning. The acceptance
+are run once per model where the statistics are the same, through the steps `compress` runs
+(`onnx_spectral.api`): one `prepare` (analysis), one `shared_statistics` (calibration under the
+Gram budget; its statistics serve every method), one cost model; each method then only
+`decide_corrections` (the rules users get: no compensation with Concat/Split groups), `plan`,
+`rewrite_model` and `correct` (the refit). The acceptance
 budgets (MNIST 0.07, CREPE tiny 0.35, CREPE full 0.25) are added to the budgets of their model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,25 +30,33 @@ import onnx
 
 from models import crepe, mnist, ppocr
 from models.runtime import run_onnx
-from onnx_spectral import CompressOptions
-from onnx_spectral.analysis import Analysis, analyze
-from onnx_spectral.calibration.collect import Statistics, calibrate
-from onnx_spectral.calibration.instrument import instrument
+from onnx_spectral.api import (
+    Calibrated,
+    CompressOptions,
+    Prepared,
+    correct,
+    decide_corrections,
+    plan,
+    prepare,
+    rewrite_model,
+    shared_statistics,
+)
 from onnx_spectral.calibration.sources import FeedDict
-from onnx_spectral.correction.compensate import compensated_plans
-from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.graph.model import load_model
-from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.group_cost import GroupCosts, group_costs
-from onnx_spectral.selection.plan import PlanOptions, plan_groups
+from onnx_spectral.selection.model_cost import model_cost
 
 DEFAULTS = CompressOptions()
-# name -> PlanOptions fields (plus "compensation" and "refit"); budgets come from --budgets.
+BASE = CompressOptions(allocation="uniform", round_to=1, compensation=False, refit=False,
+                       provider="cpu", verify_samples=0)
+"""What a method starts from: uniform widths, no rounding, no correction; no held-out data
+(each task scores with its own)."""
+# name -> CompressOptions fields over BASE; budgets come from --budgets.
 METHODS: dict[str, dict[str, Any]] = {
     "random channels": {"selection": "random", "reconstruct": False},
     "L1-norm, no reconstruction": {"selection": "l1", "reconstruct": False},
     "L1-norm + reconstruction": {"selection": "l1"},
-    "ThiNet-like (theta 0, ridge 1e-8)": {"theta": 0.0, "rho": 1e-8},
+    "ThiNet-like (theta 0, ridge 1e-8)": {"theta": 0.0, "ridge": 1e-8},
     "spectral theta 0, uniform": {"theta": 0.0},
     "spectral theta 0.5, uniform": {"theta": 0.5},
     "spectral theta 1, uniform": {"theta": 1.0},
@@ -60,10 +70,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "spectral, uniform + compensation + refit": {"compensation": True, "refit": True},
     "spectral, greedy + compensation + refit": {"allocation": "greedy", "compensation": True,
                                                 "refit": True},
-    "defaults": {"theta": DEFAULTS.theta, "rho": DEFAULTS.ridge,
-                 "allocation": DEFAULTS.allocation, "round_to": DEFAULTS.round_to,
-                 "min_keep": DEFAULTS.min_keep, "compensation": DEFAULTS.compensation,
-                 "refit": DEFAULTS.refit},
+    "defaults": {name: getattr(DEFAULTS, name)
+                 for name in ("theta", "ridge", "allocation", "round_to", "min_keep",
+                              "compensation", "refit")},
 }
 TORCH_PRUNING = ("Torch-Pruning magnitude (its model)", "Torch-Pruning channels, exact surgery")
 ACCEPTANCE = {"mnist": 0.07, "crepe-tiny": 0.35, "crepe-full": 0.25}
@@ -131,52 +140,40 @@ TASKS: dict[str, Callable[[], Task]] = {
 
 @dataclass
 class Stages:
-    """What every method of one model shares: analysis, statistics, cost model."""
+    """What every method of one model shares: the prepared model, its statistics, its cost
+    model, the options they were made with."""
 
-    analysis: Analysis
-    statistics: Statistics
+    prepared: Prepared
+    calibrated: Calibrated
     costs: GroupCosts
-    compensation_batches: list[FeedDict]
+    options: CompressOptions
+    macs: int
+    """The original model's MACs per sample."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def shared_stages(task: Task) -> Stages:
+    """Prepare and calibrate on all of the task's calibration samples, as `compress` does."""
     start = time.perf_counter()
-    analysis = analyze(load_model(task.model))
-    statistics = calibrate(instrument(analysis.graph, analysis.taps), task.calibration, "cpu")
-    calibrated = time.perf_counter()
-    costs = group_costs(analysis)
-    first = []
-    samples = 0
-    for feeds in task.calibration:
-        if samples >= DEFAULTS.compensation_samples:
-            break
-        first.append(feeds)
-        samples += len(next(iter(feeds.values())))
-    return Stages(analysis, statistics, costs, first,
-                  {"calibration": calibrated - start})
+    samples = sum(len(next(iter(feeds.values()))) for feeds in task.calibration)
+    options = dataclasses.replace(BASE, calib_samples=samples)
+    prepared = prepare(load_model(task.model), task.calibration, options)
+    calibrated = shared_statistics(prepared, options, keep_batches=True)
+    calibrated_at = time.perf_counter()
+    cost = model_cost(prepared.original)
+    return Stages(prepared, calibrated, group_costs(prepared.analysis, cost), options, cost.macs,
+                  {"calibration": calibrated_at - start})
 
 
 def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
                   ) -> tuple[onnx.ModelProto, float]:
     """The model at `flops` MACs kept with one method's settings; and the MACs kept."""
-    fields = {key: value for key, value in settings.items()
-              if key not in ("compensation", "refit")}
-    fields.setdefault("rho", DEFAULTS.ridge)
-    fields.setdefault("theta", DEFAULTS.theta)
-    options = PlanOptions(flops=flops, **fields)
-    if settings.get("compensation") and options.reconstruct:
-        planned = compensated_plans(stages.analysis, stages.statistics, options,
-                                    lambda: stages.compensation_batches, "cpu", stages.costs)
-    else:
-        planned = plan_groups(stages.analysis, stages.statistics, options, stages.costs)
-    widths = [int(item.plan.kept.size) for item in planned]
-    plans = [item.plan for item in planned]
-    model = rewrite(stages.analysis, plans)
-    if settings.get("refit") and options.reconstruct:
-        model, _ = refit_pruned(stages.analysis, model, plans, stages.compensation_batches,
-                                "cpu")
-    return model, stages.costs.macs(widths) / stages.costs.macs.full
+    options = dataclasses.replace(stages.options, flops=flops, **settings)
+    corrections = decide_corrections(stages.prepared, options)
+    planned = plan(stages.prepared, stages.calibrated, options, corrections, stages.costs)
+    model = rewrite_model(stages.prepared, planned)
+    model, _ = correct(stages.prepared, model, planned, stages.calibrated, options, corrections)
+    return model, model_cost(model).macs / stages.macs
 
 
 def bench(name: str, budgets: list[float], methods: list[str],
@@ -216,7 +213,8 @@ def _bench_torch_pruning(name: str, task: Task, stages: Stages, budgets: list[fl
     rows: tuple[list[str], list[str]] = ([], [])
     for budget in budgets:
         start = time.perf_counter()
-        path, surgery, kept = torch_pruning_models(name, stages.analysis, stages.costs, budget)
+        path, surgery, kept = torch_pruning_models(name, stages.prepared.analysis, stages.costs,
+                                                     budget)
         seconds = time.perf_counter() - start
         for row, label, model in zip(rows, TORCH_PRUNING, (path, surgery), strict=True):
             value, text = task.score(model)
