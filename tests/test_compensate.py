@@ -8,12 +8,9 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
-from onnx_spectral.correction.compensate import (
-    cross_statistics,
-    merged_model,
-    original_activations,
-    schedule,
-)
+from onnx_spectral.correction.cross_run import cross_statistics, original_activations
+from onnx_spectral.correction.merged import merged_model
+from onnx_spectral.correction.schedule import schedule
 from onnx_spectral.graph.sessions import open_session
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.plan import GroupPlan
