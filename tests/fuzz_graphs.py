@@ -1,14 +1,25 @@
 """Random CNN graphs for the property-based fuzzer (tests/test_fuzz.py), built with hypothesis.
 
-A graph is a chain of blocks on an NCHW tensor of fixed spatial size, then a head:
+A graph is a chain of blocks on an NCHW tensor, then a head:
 
-    x [N, C0, S, S] -> block -> block -> ... -> head -> y
+    x [N, C0, H, W] -> Conv -> block -> block -> ... -> head -> y (+ side outputs)
 
 Each block is a function `(draw, builder, state) -> None` that adds nodes after `state.tensor`
 and updates `state` (tensor name, channel count, extra graph outputs). To cover a new op, write
 one block function and add it to BLOCKS; the fuzzer draws blocks uniformly from that table.
 Blocks that are barriers today (Concat, Split, graph outputs in the middle) stay in the table:
 the property is that the tool prunes or freezes each group, whatever the graph holds.
+
+Heads (HEADS): a conv, GAP -> Flatten -> Gemm or MatMul, or a recurrent layer (LSTM or GRU)
+fed by the conv features as a sequence (RECURRENT_INPUTS) with its output, last state, or a
+Gemm on the last state as the graph output.
+
+Each graph also draws a `Variant`, applied once the float32 graph is built: the opset (9 to 21;
+Split takes its sizes as an attribute before 13), each spatial dim static or symbolic
+(dim_param 'H'/'W'), constants as initializers or Constant nodes, float16 (weights and
+activations; inputs and outputs float16, or float32 with a Cast after each input and before each
+output), and the IR-3 convention (ir_version 3, every initializer also a graph input).
+`model.doc_string` describes what was drawn, one line, for the fuzzer's notes.
 """
 
 from __future__ import annotations
@@ -19,8 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.graphs import GraphBuilder
+
+OPSETS = (17, 9, 11, 13, 21)
+"""Drawn opsets (examples shrink toward the first)."""
+FLOAT16 = ("no", "io", "cast")
+"""float32 model; float16 model with float16 inputs/outputs; float16 inside, float32 outside."""
 
 WIDTHS = st.integers(min_value=1, max_value=8)
 
@@ -132,8 +149,12 @@ def split(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
         return conv(draw, b, s)
     first = draw(st.integers(min_value=1, max_value=s.channels - 1))
     name = s.name("split")
-    sizes = b.const(f"{name}_sizes", np.array([first, s.channels - first], dtype=np.int64))
-    b.node("Split", [s.tensor, sizes], name, outputs=2, axis=1)
+    sizes = [first, s.channels - first]
+    if b.opset >= 13:
+        b.node("Split", [s.tensor, b.const(f"{name}_sizes", np.array(sizes, dtype=np.int64))],
+               name, outputs=2, axis=1)
+    else:
+        b.node("Split", [s.tensor], name, outputs=2, axis=1, split=sizes)
     width = draw(WIDTHS)
     left = _conv(b, s, name, first, width)
     right = _conv(b, s, f"{name}_out1", s.channels - first, width)
@@ -179,20 +200,190 @@ def _head(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[int | s
     return b.node("MatMul", [flat, weight], name), ["N", width]
 
 
+def _sequence(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, int | str, int]:
+    """The conv features as a sequence: (tensor, sequence length, features per step).
+
+    positions: [N, C, H, W] -> Reshape [N, C, H*W] -> Transpose -> [H*W, N, C]; the Reshape's
+    shape is [0, C, -1] or [0, 0, -1].
+    columns (CRNN, H static): Transpose -> [W, N, C, H] -> Reshape -> [W, N, C*H].
+    pooled (CRNN): ReduceMean over H -> [N, C, W] -> Transpose -> [W, N, C].
+    (ONNX Runtime's CPU recurrent kernels refuse layout 1, batch first.)
+    """
+    height, width = s.spatial
+    static = isinstance(height, int) and isinstance(width, int)
+    kind = draw(st.sampled_from(["positions", "columns", "pooled"]))
+    if kind == "pooled":
+        name = s.name("reducemean")
+        if b.opset >= 18:
+            b.node("ReduceMean", [s.tensor, b.const(f"{name}_axes", np.array([2], np.int64))],
+                   name, keepdims=0)
+        else:
+            b.node("ReduceMean", [s.tensor], name, axes=[2], keepdims=0)
+        moved = b.node("Transpose", [name], s.name("transpose"), perm=[2, 0, 1])
+        return moved, width if isinstance(width, int) else "W", s.channels
+    if kind == "columns" and isinstance(height, int):
+        moved = b.node("Transpose", [s.tensor], s.name("transpose"), perm=[3, 0, 1, 2])
+        name = s.name("reshape")
+        shape = b.const(f"{name}_shape", np.array([0, 0, -1], dtype=np.int64))
+        length = width if isinstance(width, int) else "W"
+        return b.node("Reshape", [moved, shape], name), length, s.channels * height
+    name = s.name("reshape")
+    channels = draw(st.sampled_from([0, s.channels]))
+    shape = b.const(f"{name}_shape", np.array([0, channels, -1], dtype=np.int64))
+    flat = b.node("Reshape", [s.tensor, shape], name)
+    length: int | str = int(height) * int(width) if static else "S"
+    return b.node("Transpose", [flat], s.name("transpose"), perm=[2, 0, 1]), length, s.channels
+
+
+def _rnn(draw: st.DrawFn, b: GraphBuilder, s: State, sequence: str, features: int
+         ) -> tuple[str, int, int]:
+    """An LSTM or GRU on `sequence` [S, N, features]: its name (Y [S, dirs, N, hidden] is the
+    tensor of that name, Y_h [dirs, N, hidden] '<name>_out1'), dirs and hidden."""
+    op = draw(st.sampled_from(["LSTM", "GRU"]))
+    hidden = draw(WIDTHS)
+    direction = draw(st.sampled_from(["forward", "reverse", "bidirectional"]))
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = 4 if op == "LSTM" else 3
+    name = s.name(op.lower())
+    weights = [b.random(f"{name}_W", (dirs, gates * hidden, features), fan_in=features),
+               b.random(f"{name}_R", (dirs, gates * hidden, hidden), fan_in=hidden),
+               b.random(f"{name}_B", (dirs, 2 * gates * hidden), fan_in=4)]
+    attrs: dict[str, object] = {"hidden_size": hidden, "direction": direction}
+    if op == "GRU":
+        attrs["linear_before_reset"] = draw(st.sampled_from([0, 1]))
+    b.node(op, [sequence, *weights], name, outputs=2, **attrs)
+    return name, dirs, hidden
+
+
+def _steps(b: GraphBuilder, s: State, y: str) -> str:
+    """Y [S, dirs, N, hidden] -> Transpose [S, N, dirs, hidden] -> Reshape [S, N, dirs*hidden]."""
+    moved = b.node("Transpose", [y], s.name("transpose"), perm=[0, 2, 1, 3])
+    name = s.name("reshape")
+    return b.node("Reshape", [moved, b.const(f"{name}_shape", np.array([0, 0, -1], np.int64))],
+                  name)
+
+
+def _recurrent(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[int | str]]:
+    """LSTM or GRU over the conv features, then one of: its output Y; its last state Y_h;
+    Gemm(Y_h as [N, dirs*hidden]); MatMul on each step of Y; a second LSTM/GRU on Y (its Y_h)."""
+    sequence, length, features = _sequence(draw, b, s)
+    name, dirs, hidden = _rnn(draw, b, s, sequence, features)
+    last = f"{name}_out1"
+    kind = draw(st.sampled_from(["sequence", "last", "gemm", "matmul", "stacked"]))
+    if kind == "sequence":
+        return name, [length, dirs, "N", hidden]
+    if kind == "last":
+        return last, [dirs, "N", hidden]
+    width = draw(WIDTHS)
+    if kind == "matmul":
+        weight = b.random(f"{name}_proj", (dirs * hidden, width), fan_in=dirs * hidden)
+        return b.node("MatMul", [_steps(b, s, name), weight], s.name("matmul")), [length, "N",
+                                                                                 width]
+    if kind == "stacked":
+        second, dirs, hidden = _rnn(draw, b, s, _steps(b, s, name), dirs * hidden)
+        return f"{second}_out1", [dirs, "N", hidden]
+    batch_first = b.node("Transpose", [last], s.name("transpose"), perm=[1, 0, 2])
+    flat = s.name("reshape")
+    shape = b.const(f"{flat}_shape", np.array([0, -1], dtype=np.int64))
+    b.node("Reshape", [batch_first, shape], flat)
+    return b.gemm(flat, s.name("fc"), dirs * hidden, width), ["N", width]
+
+
+HEADS = {"plain": _head, "recurrent": _recurrent}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a built float32 graph is stored: see the module docstring."""
+
+    opset: int = 17
+    float16: str = "no"
+    ir3: bool = False
+    constant_nodes: bool = False
+
+
+variants = st.builds(Variant, opset=st.sampled_from(OPSETS), float16=st.sampled_from(FLOAT16),
+                     ir3=st.booleans(), constant_nodes=st.booleans())
+
+
+def _to_float16(model: onnx.ModelProto, cast_io: bool) -> None:
+    """Make every float32 constant and tensor float16 (in place); `cast_io`: keep float32
+    inputs and outputs, with a Cast to float16 after each input and to float32 before each
+    output."""
+    graph = model.graph
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT:
+            half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16),
+                                           tensor.name)
+            graph.initializer[index].CopyFrom(half)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "value" and attribute.t.data_type == TensorProto.FLOAT:
+                attribute.t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(attribute.t).astype(np.float16), attribute.t.name))
+    if not cast_io:
+        for value in [*graph.input, *graph.output]:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        return
+    for value in graph.input:
+        inner = f"{value.name}_f16"
+        for node in graph.node:
+            node.input[:] = [inner if name == value.name else name for name in node.input]
+        graph.node.insert(0, helper.make_node("Cast", [value.name], [inner],
+                                              name=f"cast_{inner}", to=TensorProto.FLOAT16))
+    for value in graph.output:
+        inner = f"{value.name}_f16"
+        for node in graph.node:
+            node.input[:] = [inner if name == value.name else name for name in node.input]
+            node.output[:] = [inner if name == value.name else name for name in node.output]
+        graph.node.append(helper.make_node("Cast", [inner], [value.name],
+                                           name=f"cast_{value.name}", to=TensorProto.FLOAT))
+
+
+def _as_ir3(model: onnx.ModelProto) -> None:
+    """IR version 3, where every initializer is also listed in graph.input (in place)."""
+    model.ir_version = 3
+    for tensor in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(
+            tensor.name, tensor.data_type, list(tensor.dims)))
+
+
+def apply_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
+    """`model` (built float32 at `variant.opset`) stored as `variant` asks; checked."""
+    if variant.float16 != "no":
+        _to_float16(model, cast_io=variant.float16 == "cast")
+    if variant.ir3:
+        _as_ir3(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 @st.composite
-def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6) -> onnx.ModelProto:
-    """A random checked CNN (opset 17): symbolic batch 'N', spatial size static or symbolic."""
+def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
+               ) -> onnx.ModelProto:
+    """A random checked CNN with a symbolic batch 'N' and a drawn `Variant`.
+
+    `channel_cut`: the graph holds at least one Concat or Split on the channel axis.
+    """
+    variant = draw(variants)
     seed = draw(st.integers(min_value=0, max_value=2**16))
-    b = GraphBuilder(seed)
+    b = GraphBuilder(seed, variant.opset, variant.constant_nodes)
     in_channels = draw(st.integers(min_value=1, max_value=4))
-    spatial: list[int | str] = (["H", "W"] if draw(st.booleans())
-                                else [draw(st.integers(min_value=3, max_value=6))] * 2)
+    spatial: list[int | str] = [name if draw(st.booleans()) else draw(st.integers(3, 6))
+                                for name in ("H", "W")]
     s = State("x", in_channels, spatial)
     s.channels = draw(WIDTHS)
     s.tensor = _conv(b, s, "x", in_channels, s.channels)
-    for name in draw(st.lists(st.sampled_from(sorted(BLOCKS)), max_size=max_blocks)):
+    blocks = draw(st.lists(st.sampled_from(sorted(BLOCKS)), max_size=max_blocks))
+    if channel_cut:
+        blocks.insert(draw(st.integers(0, len(blocks))), draw(st.sampled_from(["concat",
+                                                                                "split"])))
+    for name in blocks:
         BLOCKS[name](draw, b, s)
-    output = _head(draw, b, s)
+    head = draw(st.sampled_from(sorted(HEADS)))
+    output = HEADS[head](draw, b, s)
     outputs = [output, *[item for item in s.outputs if item[0] != output[0]]]
-    return b.model([("x", ["N", in_channels, *spatial])], outputs)
-
+    model = b.model([("x", ["N", in_channels, *spatial])], outputs)
+    model.doc_string = (f"{variant}; input [N, {in_channels}, {spatial[0]}, {spatial[1]}]; "
+                        f"blocks {blocks}; head {head} -> {output[0]} {output[1]}")
+    return apply_variant(model, variant)

@@ -1,39 +1,90 @@
 """Property-based fuzzer: random CNN graphs (tests/fuzz_graphs.py) through `compress`.
 
-For every generated graph: each channel group is pruned to ceil(ratio * channels) (summed
-over its parts when a Concat or Split cuts it) or frozen
-with a reason; the output passes the full ONNX checker and runs in ONNX Runtime with the
-original output names and shapes; and with every channel kept (ratio 1, ridge 1e-9) it
-reproduces the original outputs.
+For every generated graph and budget (`ratio`, or `flops`/`params` on a graph with a Concat or
+Split on the channel axis):
+
+- no internal error: `compress` returns, or raises an onnx_spectral error (`SpectralError`)
+  that names a node or tensor of the model, or says that a budget cannot be met;
+- each channel group is pruned (to ceil(ratio * channels) under `ratio`, summed over its parts
+  when a Concat or Split cuts it; to at least one channel under a budget) or frozen with a
+  reason;
+- under a budget, the MACs (`flops`) or parameters (`params`) of the compressed model, as
+  `Report.cost_after` counts them, are at most the budget times `Report.cost_before` (plus
+  rounding); a budget on MACs that cannot be counted (dynamic spatial size) is refused or
+  warned about;
+- the output passes the full ONNX checker and runs in ONNX Runtime with the original inputs,
+  output names and shapes;
+- with every channel kept (ratio 1, ridge 1e-9) it reproduces the original outputs (to 1e-3 in
+  float32, 2e-2 in float16).
 
 CI runs 200 examples (a fixed, derandomized sequence). The long run:
 
     ONNX_SPECTRAL_FUZZ_EXAMPLES=5000 python -m pytest -q tests/test_fuzz.py
+
+To see every distinct failure of a run at once (hypothesis stops at the first), with the
+smallest graph of each saved: `python -m tests.fuzz_survey --help`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, event, given, settings
+import pytest
+from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
+from onnx import helper
 
 from onnx_spectral import compress
+from onnx_spectral.errors import GraphError, SpectralError
+from onnx_spectral.report import Report
+from onnx_spectral.selection.widths import ALLOCATIONS
 from tests.fuzz_graphs import cnn_graphs
+from tests.fuzz_regressions import REGRESSIONS, Regression
 
 EXAMPLES = int(os.environ.get("ONNX_SPECTRAL_FUZZ_EXAMPLES", "200"))
 FAST = {"provider": "cpu", "calib_samples": 16, "verify_samples": 4, "batch_size": 8}
+FRACTIONS = st.sampled_from([0.25, 0.5, 0.75])
+
+
+def event(name: str) -> None:
+    """A hypothesis event (statistics), when run by hypothesis."""
+    if currently_in_test_context():
+        hypothesis_event(name)
+
+
+def _half(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 (float16 weights or a Cast to float16)."""
+    half = onnx.TensorProto.FLOAT16
+    return (any(tensor.data_type == half for tensor in model.graph.initializer)
+            or any(attribute.t.data_type == half or attribute.i == half
+                   for node in model.graph.node if node.op_type in ("Constant", "Cast")
+                   for attribute in node.attribute))
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A graph and the budget options: `ratio`, or `flops`/`params` with an allocation."""
+    budget = draw(st.sampled_from(["ratio", "flops", "params"]))
+    model = draw(cnn_graphs(channel_cut=budget != "ratio"))
+    if budget == "ratio":
+        return model, {"ratio": draw(FRACTIONS)}
+    return model, {budget: draw(FRACTIONS), "allocation": draw(st.sampled_from(ALLOCATIONS))}
 
 
 def _inputs(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs; symbolic spatial dims get size 5."""
-    dims = [d.dim_value or 5 for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    x = np.random.default_rng(seed).standard_normal((samples, *dims)).astype(np.float32)
-    return {model.graph.input[0].name: x}
+    """Random inputs of the first graph input's dtype; symbolic spatial dims get size 5."""
+    value = model.graph.input[0]
+    dims = [d.dim_value or 5 for d in value.type.tensor_type.shape.dim[1:]]
+    dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    x = np.random.default_rng(seed).standard_normal((samples, *dims)).astype(dtype)
+    return {value.name: x}
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,40 +94,163 @@ def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.nd
     return dict(zip(names, session.run(names, feed), strict=True))
 
 
-def _interface(model: onnx.ModelProto) -> list[tuple[str, list[str | int]]]:
-    return [(value.name, [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
-            for value in model.graph.output]
+def _values(values: Any, skip: frozenset[str] = frozenset()
+            ) -> list[tuple[str, int, list[str | int]]]:
+    """(name, elem type, dims) of graph inputs or outputs, leaving out the names in `skip`."""
+    return [(value.name, value.type.tensor_type.elem_type,
+             [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim])
+            for value in values if value.name not in skip]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(model=cnn_graphs(), ratio=st.sampled_from([0.25, 0.5, 0.75]))
-def test_random_graphs(model: onnx.ModelProto, ratio: float) -> None:
-    calibration = _inputs(model, 20, seed=1)
-    fresh = _inputs(model, 3, seed=2)
-    want = _run(model, fresh)
+def _interface(model: onnx.ModelProto) -> tuple[list[Any], list[Any]]:
+    """The data inputs (not initializers) and the outputs, with types and shapes."""
+    constants = frozenset(tensor.name for tensor in model.graph.initializer)
+    return _values(model.graph.input, constants), _values(model.graph.output)
 
-    compressed, report = compress(model, calibration, ratio=ratio, **FAST)
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    nodes = {node.name for node in model.graph.node}
+    tensors = {name for node in model.graph.node for name in [*node.input, *node.output]}
+    return (nodes | tensors | {value.name for value in model.graph.input}) - {""}
+
+
+def _check_refusal(model: onnx.ModelProto, error: SpectralError, options: dict[str, Any]
+                   ) -> None:
+    """A refusal must name a node or tensor of the model, or say that the budget is not met."""
+    message = str(error)
+    event(f"refused: {type(error).__name__}")
+    if isinstance(error, GraphError) and (error.node or error.tensor):
+        return
+    if "budget" in message and ("flops" in options or "params" in options):
+        return
+    quoted = set(re.findall(r"'([^']+)'", message))
+    assert quoted & _names(model), f"the refusal names no node or tensor: {message}"
+
+
+def _compress(model: onnx.ModelProto, calibration: dict[str, np.ndarray], **options: Any
+              ) -> tuple[onnx.ModelProto, Report] | None:
+    """`compress`, or None when it refused with a clear onnx_spectral error."""
+    try:
+        return compress(model, calibration, **options, **FAST)
+    except SpectralError as error:
+        _check_refusal(model, error, options)
+        return None
+
+
+def _check_groups(report: Report, options: dict[str, Any]) -> None:
     pruned = sum(not group.frozen for group in report.groups)
     event(f"groups pruned: {min(pruned, 3)}{'+' if pruned >= 3 else ''}")
     event(f"groups frozen: {min(len(report.groups) - pruned, 3)}")
     for group in report.groups:
         if group.frozen:
-            assert group.kept == group.channels and all(group.frozen)
-        else:  # ceil(ratio * m) exactly, or per part when a Concat/Split cuts the group
-            assert math.ceil(ratio * group.channels) <= group.kept <= group.channels, group
-    onnx.checker.check_model(compressed, full_check=True)
-    assert _interface(compressed) == _interface(model)
-    got = _run(compressed, fresh)
-    assert list(got) == list(want)
-    for name in want:
-        assert got[name].shape == want[name].shape, name
-        assert np.isfinite(got[name]).all(), name
+            assert group.kept == group.channels and all(group.frozen), group
+        elif "ratio" in options:  # ceil(ratio * m), or per part when a Concat/Split cuts it
+            assert math.ceil(options["ratio"] * group.channels) <= group.kept, group
+        assert 1 <= group.kept <= group.channels, group
 
-    whole, report = compress(model, calibration, ratio=1.0, ridge=1e-9, **FAST)
+
+def _check_budget(report: Report, options: dict[str, Any]) -> None:
+    """Cost after <= fraction * cost before, when something was pruned; else a warning."""
+    kind = "flops" if "flops" in options else "params"
+    before, after = ((report.cost_before.macs, report.cost_after.macs) if kind == "flops"
+                     else (report.cost_before.params, report.cost_after.params))
+    event(f"{kind} budget: {'met' if after <= options[kind] * before else 'over'}")
+    pruned = any(not group.frozen for group in report.groups)
+    if kind == "flops" and report.cost_before.uncounted and pruned:
+        assert any("MAC" in warning or "budget" in warning for warning in report.warnings), (
+            f"--flops on a model whose MACs are not all counted (uncounted nodes "
+            f"{report.cost_before.uncounted}) gave no warning\nwarnings: {report.warnings}")
+    if pruned:
+        assert after <= options[kind] * before + 1e-6 * before + 1, (
+            f"{kind}: kept {after} of {before} ({after / max(before, 1):.4f}), budget "
+            f"{options[kind]}")
+    elif after > options[kind] * before:
+        assert any("budget" in warning or "prunable" in warning
+                   for warning in report.warnings), report.warnings
+
+
+def _without_ir3(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model without the IR-3 convention (current IR, initializers not inputs)."""
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    plain.ir_version = onnx.IR_VERSION
+    constants = {tensor.name for tensor in plain.graph.initializer}
+    kept = [value for value in plain.graph.input if value.name not in constants]
+    del plain.graph.input[:]
+    plain.graph.input.extend(kept)
+    return plain
+
+
+def _check_same_groups(result: tuple[onnx.ModelProto, Report] | None, plain: onnx.ModelProto,
+                       calibration: dict[str, np.ndarray], options: dict[str, Any]) -> None:
+    """Listing the initializers as graph inputs (IR 3) changes no group nor its width."""
+    expected = _compress(plain, calibration, **options)
+    assert (result is None) == (expected is None), (
+        f"IR 3 {'refused' if result is None else 'accepted'}, the same model at IR "
+        f"{onnx.IR_VERSION} {'refused' if expected is None else 'accepted'}")
+    if result is not None and expected is not None:
+        groups = [(group.channels, group.kept, group.frozen) for group in result[1].groups]
+        assert groups == [(group.channels, group.kept, group.frozen)
+                          for group in expected[1].groups], "the IR-3 convention changed the groups"
+
+
+def _spatial(match: re.Match[str]) -> str:
+    symbolic = sum(not dim.isdigit() for dim in match.groups())
+    return f"spatial: {['static', 'one symbolic', 'symbolic'][symbolic]}"
+
+
+def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
+    """Every property of the module docstring, for one graph and budget options."""
+    calibration = _inputs(model, 20, seed=1)
+    fresh = _inputs(model, 3, seed=2)
+    want = _run(model, fresh)
+    half = _half(model)
+
+    result = _compress(model, calibration, **options)
+    if model.ir_version == 3:
+        _check_same_groups(result, _without_ir3(model), calibration, options)
+    if result is not None:
+        compressed, report = result
+        _check_groups(report, options)
+        if "ratio" not in options:
+            _check_budget(report, options)
+        onnx.checker.check_model(compressed, full_check=True)
+        assert _interface(compressed) == _interface(model)
+        got = _run(compressed, fresh)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].shape == want[name].shape, name
+            assert np.isfinite(got[name]).all(), name
+
+    result = _compress(model, calibration, ratio=1.0, ridge=1e-9)
+    if result is None:
+        return
+    whole, report = result
     assert all(group.kept == group.channels for group in report.groups)
     got = _run(whole, fresh)
+    tolerance = 2e-2 if half else 1e-3
     for name in want:
-        scale = float(np.abs(want[name]).max())
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-3 * scale,
-                                   err_msg=name)
+        scale = float(np.abs(want[name].astype(np.float64)).max())
+        np.testing.assert_allclose(got[name].astype(np.float64), want[name], rtol=tolerance,
+                                   atol=tolerance * scale, err_msg=name)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_random_graphs(case: tuple[onnx.ModelProto, dict[str, Any]]) -> None:
+    model, options = case
+    note(f"{model.doc_string}; options {options}")
+    variant, spatial, _, head = model.doc_string.split("; ")
+    for kind in [*variant[len("Variant("):-1].split(", "), spatial, head.split(" ->")[0]]:
+        event(re.sub(r"input \[N, \d+, (\w+), (\w+)\]", _spatial, kind))
+    check_case(model, options)
+
+
+@pytest.mark.parametrize("regression", [
+    pytest.param(item, id=item.name, marks=[] if item.failure is None
+                 else [pytest.mark.xfail(reason=item.failure, strict=False)])
+    for item in REGRESSIONS])
+def test_regression(regression: Regression) -> None:
+    """The smallest graphs of the failures the fuzzer found (tests/fuzz_regressions.py)."""
+    check_case(regression.build(), regression.options)
