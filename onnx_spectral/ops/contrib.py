@@ -10,6 +10,8 @@ element-wise activation keeps the shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 from onnx import defs, helper, shape_inference
 
@@ -50,7 +52,8 @@ def _transposed_last(value: onnx.TypeProto) -> onnx.TypeProto:
     return swapped
 
 
-def _inference(fused: str):  # type: ignore[no-untyped-def]
+def _inference(fused: str) -> Callable[[shape_inference.InferenceContext], None]:
+    """The shape inference of `fused`: that of its default-domain op."""
     standard, reads, own = _FUSED[fused]
 
     def infer(ctx: shape_inference.InferenceContext) -> None:

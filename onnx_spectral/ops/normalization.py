@@ -1,7 +1,7 @@
 """Normalizations: BatchNormalization and InstanceNormalization (per channel, axis 1),
-LayerNormalization (channel-wise when it normalizes only axes after the channels) and
-GroupNormalization (channel-wise with one channel per group); over the channel axis they freeze
-the group they read, naming the node."""
+LayerNormalization (channel-wise when it normalizes only axes after the channels); over the
+channel axis, and GroupNormalization always, they freeze the group they read, naming the
+node."""
 
 from __future__ import annotations
 
@@ -89,39 +89,16 @@ class LayerNormalizationHandler(NoWeights):
 
 
 class GroupNormalizationHandler(NoWeights):
-    """GroupNormalization of NCHW tensors: channel-wise only with one channel per group
-    (num_groups == C, an instance normalization; scale and bias sliced, num_groups rewritten).
-    Larger groups normalize several channels together: the group reading it is frozen."""
+    """GroupNormalization normalizes groups of channels together (and ONNX's strict shape
+    inference gives no output shape for it at opset 21): the group reading it is frozen."""
 
     op_types: tuple[str, ...] = ("GroupNormalization",)
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
-        state = ctx.state(node.input[0])
-        if state is None:
-            return
-        num_groups = int(attributes(node).get("num_groups", 0))  # type: ignore[call-overload]
-        channels = ctx.graph.static_shape(node.input[0], node.name)[1] \
-            if isinstance(state, Plain) else None
-        parameters = [ctx.graph.constant(name) for name in node.input[1:]]
-        reason = None
-        if not isinstance(state, Plain) or state.axis != 1:
-            reason = "GroupNormalization normalizes an axis other than channels"
-        elif num_groups != channels:
-            reason = (f"GroupNormalization normalizes {num_groups} groups of several channels "
-                      "together")
-        elif any(value is None or value.size != channels for value in parameters):
-            reason = "GroupNormalization with non-constant or per-group parameters"
-        if reason is not None:
-            freeze_inputs(node, ctx, reason)
-            return
-        assert isinstance(state, Plain)
-        ctx.add_member(state.group, Member(node.name, Role.CHANNELWISE, 1))
-        ctx.set_state(node.output[0], state)
+        num_groups = attributes(node).get("num_groups")
+        freeze_inputs(node, ctx, f"GroupNormalization normalizes channels in groups "
+                                 f"(num_groups={num_groups})")
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
-        for position in range(1, len(node.input)):
-            value = editor.input_value(node, position)
-            assert value is not None
-            editor.set_input_value(node, position, value[kept])
-        editor.set_attribute(node, "num_groups", int(kept.size))
+        raise TypeError(f"GroupNormalization node '{node.name}' is never a member")
