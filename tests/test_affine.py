@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from onnx_spectral import compress
@@ -14,9 +15,28 @@ from onnx_spectral.selection.plan import GroupPlan
 from tests import graphs
 
 
+def test_a_strided_conv_transpose_takes_no_offset() -> None:
+    """Its output positions see different subsets of the taps: no single bias shift."""
+    analysis = analyze(_conv_transpose_sink(strides=2))
+    (group,) = analysis.prunable
+    assert not supports_offset(analysis.graph, group.taps[0])
+
+
+def _conv_transpose_sink(strides: int = 1) -> onnx.ModelProto:
+    """x -> conv1 (7) -> Relu -> ConvTranspose 'ct' (7 -> 5, 3x3, pads 1, `strides`) -> y."""
+    b = graphs.GraphBuilder(0)
+    t = b.node("Relu", [b.conv("x", "conv1", 3, 7)], "relu")
+    size = 8 * strides  # (8 - 1) * s + 3 - 2 + (s - 1)
+    b.node("ConvTranspose", [t, b.random("ct_w", (7, 5, 3, 3), 63), b.random("ct_b", (5,), 4)],
+           "ct", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[strides, strides],
+           output_padding=[strides - 1] * 2)
+    return b.model([("x", ["N", 3, 8, 8])], [("ct", ["N", 5, size, size])])
+
+
 @pytest.mark.parametrize("make", [lambda: graphs.gemm_mlp(1), lambda: graphs.gemm_mlp(0),
                                   lambda: graphs.flatten_head("flatten"),
-                                  lambda: graphs.conv_sandwich(graphs.unary("Relu"))])
+                                  lambda: graphs.conv_sandwich(graphs.unary("Relu")),
+                                  _conv_transpose_sink])
 def test_offset_is_folded_as_w_times_c(make: object) -> None:
     model = make()  # type: ignore[operator]
     analysis = analyze(model)

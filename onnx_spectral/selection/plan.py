@@ -19,7 +19,7 @@ import numpy as np
 
 from onnx_spectral.analysis import Analysis, ChannelGroup, Tap
 from onnx_spectral.calibration.collect import Statistics
-from onnx_spectral.ops import handler_for
+from onnx_spectral.ops import require_handler
 from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
 from onnx_spectral.selection.cross_select import cross_greedy_select
 from onnx_spectral.selection.group_cost import GroupCosts
@@ -127,9 +127,7 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
     sink_gram = np.zeros((tap.channels, tap.channels))
     for sink in tap.sinks:
         node = graph.nodes_by_name[sink.node]
-        handler = handler_for(node.op_type, node.domain)
-        assert handler is not None
-        sink_gram += handler.sink_gram(node, sink, tap.channels, graph)
+        sink_gram += require_handler(node).sink_gram(node, sink, tap.channels, graph)
     if window is not None:
         offset, size = window
         sigma = sigma[offset : offset + size, offset : offset + size]
@@ -143,9 +141,7 @@ def _l1_kept(analysis: Analysis, group: ChannelGroup, width: int) -> np.ndarray:
     norms = np.zeros(group.channels)
     for producer in group.producers:
         node = graph.nodes_by_name[producer]
-        handler = handler_for(node.op_type, node.domain)
-        assert handler is not None
-        rows = handler.output_rows(node, graph).astype(np.float64)
+        rows = require_handler(node).output_rows(node, graph).astype(np.float64)
         norms += np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
     return l1_norm_order(norms[:, None])[:width]
 
