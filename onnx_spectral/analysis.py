@@ -12,18 +12,25 @@ group's kept channels are assembled from its parts', its channel-wise members ar
 them, and its sinks get one reconstruction over all its kept channels. Freezing a derived group
 freezes its parts; a base group whose only readers are concatenations is prunable when those
 have sinks.
+
+Some readers are barriers before any handler is asked: a node whose subgraph (If/Loop/Scan) reads
+the tensor, and a layer whose weight is quantized (a `DequantizeLinear` of a constant). Every
+group a node touches is frozen when it reads an initializer that a caller may override
+(`initializer_inputs="input"`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from onnx_spectral.errors import OptionsError
-from onnx_spectral.graph.model import GraphIndex, normalize
+from onnx_spectral.graph.model import GraphIndex, InitializerInputs, normalize
+from onnx_spectral.graph.shapes import fill_missing_shapes, missing_shapes
+from onnx_spectral.graph.subgraphs import outer_scope_names
 from onnx_spectral.ops import handler_for
 from onnx_spectral.ops.base import ChannelState, Member, Plain, Role, SinkUse
 
@@ -251,12 +258,28 @@ def _taps(sinks: Iterable[SinkUse], channels: int) -> tuple[Tap, ...]:
     )
 
 
-def analyze(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> Analysis:
+ShapeFeeds = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
+"""A feed dict (input name -> array, samples on axis 0), or a function returning one."""
+
+_QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def analyze(model: onnx.ModelProto, exclude: Iterable[str] = (), *,
+            initializer_inputs: InitializerInputs = "constant",
+            shape_feeds: ShapeFeeds | None = None) -> Analysis:
     """Channel groups of `model` (normalized first; the caller's model is not modified).
 
     `exclude` names producer nodes whose groups the user wants kept whole.
+    `initializer_inputs`: how initializers listed as graph inputs are read (see `normalize`).
+    `shape_feeds`: calibration data (its first sample is used), or a function giving it, called
+    only when shape inference leaves some tensor without a shape; those shapes then come from
+    ONNX Runtime runs (`fill_missing_shapes`). Without it such a tensor raises GraphError when a
+    handler needs its shape.
     """
-    graph = GraphIndex(normalize(model))
+    normalized = normalize(model, initializer_inputs)
+    if shape_feeds is not None and missing_shapes(normalized):
+        fill_missing_shapes(normalized, shape_feeds() if callable(shape_feeds) else shape_feeds)
+    graph = GraphIndex(normalized)
     excluded = set(exclude)
     unknown = sorted(excluded - set(graph.nodes_by_name))
     if unknown:
@@ -264,15 +287,20 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> Analysis:
                            "`onnx-spectral analyze` lists the producer node names")
     ctx = _Context(graph)
     for node in graph.nodes:
+        _freeze_all(ctx, outer_scope_names(node),
+                    f"used inside a subgraph of {node.op_type} node '{node.name}'")
+        barrier = _quantized_weight(graph, node)
         handler = handler_for(node.op_type, node.domain)
-        if handler is not None:
+        if barrier is None and handler is not None:
             handler.analyze(node, ctx)
+            overridden = [name for name in node.input if name in graph.overridable]
+            if overridden:
+                _freeze_all(ctx, [*node.input, *node.output], _overridable_reason(node, overridden))
             continue
-        for name in node.input:
-            state = ctx.state(name) if name else None
-            if state is not None:
-                ctx.freeze(state.group, f"read by {node.op_type} node '{node.name}', an op "
-                                        "onnx-spectral has no handler for")
+        if barrier is None and node.op_type in _QUANTIZATION_OPS:
+            barrier = f"quantized: {node.op_type} node '{node.name}' reads it"
+        _freeze_all(ctx, node.input, barrier or f"read by {node.op_type} node '{node.name}', an "
+                                                "op onnx-spectral has no handler for")
     for name in graph.graph_outputs:
         state = ctx.state(name)
         if state is not None:
@@ -281,3 +309,27 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> Analysis:
         for producer in excluded.intersection(group.producers):
             ctx.freeze(group.id, f"producer '{producer}' excluded by the user")
     return Analysis(graph, ctx.groups())
+
+
+def _freeze_all(ctx: _Context, tensors: Iterable[str], reason: str) -> None:
+    for name in tensors:
+        state = ctx.state(name) if name else None
+        if state is not None:
+            ctx.freeze(state.group, reason)
+
+
+def _overridable_reason(node: onnx.NodeProto, names: list[str]) -> str:
+    return (f"{node.op_type} node '{node.name}' reads {names}, initializers listed as graph "
+            "inputs, which a caller may override (initializer_inputs='input')")
+
+
+def _quantized_weight(graph: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """Why `node` must be a barrier: it reads a weight dequantized from a constant; None when
+    it reads none."""
+    for name in node.input:
+        producer = graph.producers.get(name)
+        if (producer is not None and producer.op_type == "DequantizeLinear"
+                and graph.constant(producer.input[0]) is not None):
+            return (f"weight '{name}' of {node.op_type} node '{node.name}' is quantized: "
+                    f"DequantizeLinear node '{producer.name}' (quantized layers are kept whole)")
+    return None

@@ -20,6 +20,7 @@ from onnx_spectral.errors import RewriteError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import GraphIndex, infer_shapes, tensor_dims
 from onnx_spectral.graph.sessions import open_session
+from onnx_spectral.graph.subgraphs import used_names
 from onnx_spectral.ops import handler_for
 from onnx_spectral.selection.affine import fold_offset
 from onnx_spectral.selection.plan import GroupPlan
@@ -72,7 +73,7 @@ class _Editor:
             graph.initializer.append(external_tensors.initializer(value, name, spill))
             node.input[position] = name
         self._values.clear()  # the new tensors are in the model (or, past 2 GiB, on disk)
-        used = {name for node in graph.node for name in node.input}
+        used = used_names(graph)
         kept = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)

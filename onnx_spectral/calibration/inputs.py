@@ -257,6 +257,26 @@ class SampleStream:
             left -= sample_count(batch)
             yield batch
 
+    def peek(self, count: int = 1) -> FeedDict:
+        """The next `count` samples (fewer when the source runs out) without consuming them:
+        the next `take` still starts with them. Each array has shape (b, *sample_shape).
+
+        Raises:
+            DataError: the source holds no sample.
+        """
+        while self._pending_count < count and self._read_chunk():
+            pass
+        if not self._pending_count:
+            raise DataError("the data holds no samples")
+        pieces, got = [], 0
+        for chunk in self._pending:
+            if got >= count:
+                break
+            pieces.append({name: a[:count - got] for name, a in chunk.items()})
+            got += sample_count(pieces[-1])
+        return {spec.name: _cast(spec, np.concatenate([piece[spec.name] for piece in pieces]))
+                for spec in self._inputs}
+
     def _next_batch(self, size: int) -> FeedDict | None:
         while self._pending_count < size and self._read_chunk():
             pass

@@ -3,7 +3,9 @@
 `load_model` reads and validates a model; `normalize` returns a copy in which every node has a
 unique name, every constant (initializer, `Constant` node, or a subgraph computed only from
 constants, such as the `pads` chains torch's exporter writes) is an initializer, and shapes are
-inferred. `GraphIndex` answers the questions the analysis asks: who produces a tensor, who
+inferred. Initializers also listed as graph inputs (the IR-3 convention of old exporters) are
+constants by default; `initializer_inputs="input"` keeps them overridable instead.
+`GraphIndex` answers the questions the analysis asks: who produces a tensor, who
 consumes it, its static shape, and its constant value.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -20,6 +23,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral.errors import GraphError, ModelError
 from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.subgraphs import IMPLICIT_POSITION, outer_scope_names, used_names
 
 Dim = int | None
 """A static dimension, or None when it is symbolic or unknown."""
@@ -28,7 +32,15 @@ _NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
      "Bernoulli"}
 )
+_UNFOLDED_OPS = frozenset({"DequantizeLinear"})
+"""Ops never folded on constant inputs: a dequantized weight must stay visibly quantized (the
+analysis keeps quantized layers whole) rather than silently become a float weight."""
 _MAX_FOLDED_ELEMENTS = 1 << 26
+
+InitializerInputs = Literal["constant", "input"]
+"""How initializers listed as graph inputs are read: as constant weights, or as inputs a user
+may override at run time (their layers are then kept whole)."""
+INITIALIZER_INPUTS: tuple[InitializerInputs, ...] = ("constant", "input")
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -78,17 +90,55 @@ def opset_version(model: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default-domain (ai.onnx) opset")
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, initializer_inputs: InitializerInputs = "constant"
+              ) -> onnx.ModelProto:
     """Copy of `model` with named nodes, constants folded into initializers and shapes inferred.
 
+    `initializer_inputs="constant"` removes the graph.input entries of initializers (they are
+    weights; the IR version is raised to 4, the first that allows an initializer outside
+    graph.input), so the copy and every model rewritten from it hold them as plain constants.
     The caller's model is not modified.
     """
+    if initializer_inputs not in INITIALIZER_INPUTS:
+        raise ModelError(f"initializer_inputs={initializer_inputs!r}; accepted: "
+                         f"{', '.join(INITIALIZER_INPUTS)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    if initializer_inputs == "constant":
+        _unlist_initializer_inputs(work)
     _name_nodes(work.graph)
     _dynamic_negative_dims(work.graph)
     _fold_constants(work)
     return infer_shapes(work)
+
+
+def initializer_input_names(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Graph inputs that are also initializers (the IR-3 convention), in graph order."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return tuple(value.name for value in model.graph.input if value.name in initializers)
+
+
+def initializer_inputs_note(model: onnx.ModelProto,
+                            initializer_inputs: InitializerInputs = "constant") -> str | None:
+    """A line for the report on initializers listed as graph inputs; None when there are none."""
+    count = len(initializer_input_names(model))
+    if not count:
+        return None
+    if initializer_inputs == "constant":
+        return (f"{count} initializers listed as graph inputs are treated as constants (weights "
+                "no caller overrides); the output lists them as initializers only")
+    return (f"{count} initializers listed as graph inputs are kept as inputs a caller may "
+            "override: the layers that read them are kept whole")
+
+
+def _unlist_initializer_inputs(model: onnx.ModelProto) -> None:
+    names = set(initializer_input_names(model))
+    if not names:
+        return
+    kept = [value for value in model.graph.input if value.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
 
 
 def _dynamic_negative_dims(graph: onnx.GraphProto) -> None:
@@ -159,7 +209,8 @@ def _evaluate_if_constant(
     static_shapes: Mapping[str, tuple[int, ...]],
     opset: int,
 ) -> list[np.ndarray] | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC_OPS:
+    if (node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC_OPS
+            or node.op_type in _UNFOLDED_OPS):
         return None
     if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for attr in node.attribute):
@@ -210,8 +261,7 @@ def _single_node_model(
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {value.name for value in graph.output}
+    used = used_names(graph)
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -238,14 +288,21 @@ class GraphIndex:
     constants: MutableMapping[str, np.ndarray] = field(init=False)
     producers: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(init=False)
+    """Readers of each tensor with the input position; IMPLICIT_POSITION (-1) for a node whose
+    subgraph reads the tensor."""
     shapes: dict[str, tuple[Dim, ...]] = field(init=False)
     nodes_by_name: dict[str, onnx.NodeProto] = field(init=False)
     graph_outputs: frozenset[str] = field(init=False)
+    overridable: frozenset[str] = field(init=False)
+    """Initializers listed as graph inputs, which a caller may feed: `constants` holds their
+    default values, and the analysis keeps whole every group a node reading them touches."""
 
     def __post_init__(self) -> None:
         graph = self.model.graph
         graph_inputs = {value.name for value in graph.input}
-        self.constants = external_tensors.constants(graph.initializer, graph_inputs)
+        self.overridable = frozenset(initializer_input_names(self.model))
+        self.constants = external_tensors.constants(graph.initializer,
+                                                    graph_inputs - self.overridable)
         self.producers = {}
         self.consumers = {}
         self.nodes_by_name = {}
@@ -257,6 +314,8 @@ class GraphIndex:
             for position, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((node, position))
+            for name in outer_scope_names(node):
+                self.consumers.setdefault(name, []).append((node, IMPLICIT_POSITION))
         self.shapes = {}
         for value in list(graph.input) + list(graph.value_info) + list(graph.output):
             dims = tensor_dims(value)
@@ -289,8 +348,9 @@ class GraphIndex:
         """Shape of `tensor`; raises GraphError when shape inference could not tell its rank."""
         dims = self.shapes.get(tensor)
         if dims is None:
-            raise GraphError("shape inference gives no shape for this tensor", node=node,
-                             tensor=tensor)
+            raise GraphError("shape inference gives no shape for this tensor; calibration data "
+                             "gives the shapes (run with --calib DATA, or analyze(..., "
+                             "shape_feeds=...))", node=node, tensor=tensor)
         return dims
 
 
