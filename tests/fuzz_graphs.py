@@ -11,14 +11,15 @@ Blocks that are barriers today (Concat, Split, graph outputs in the middle) stay
 the property is that the tool prunes or freezes each group, whatever the graph holds.
 
 Heads (HEADS): a conv, GAP -> Flatten -> Gemm or MatMul, or a recurrent layer (LSTM or GRU)
-fed by the conv features as a sequence (RECURRENT_INPUTS) with its output, last state, or a
-Gemm on the last state as the graph output.
+fed by the conv features as a sequence (`_sequence`), then its output, its last state, a Gemm
+on the last state, a MatMul on each step, or a second recurrent layer.
 
-Each graph also draws a `Variant`, applied once the float32 graph is built: the opset (9 to 21;
-Split takes its sizes as an attribute before 13), each spatial dim static or symbolic
-(dim_param 'H'/'W'), constants as initializers or Constant nodes, float16 (weights and
-activations; inputs and outputs float16, or float32 with a Cast after each input and before each
-output), and the IR-3 convention (ir_version 3, every initializer also a graph input).
+Each spatial dim of the input is static, symbolic (dim_param 'H'/'W') or unknown. Each graph
+also draws a `Variant`, applied once the float32 graph is built: the opset (9 to 21; Split and
+ReduceMean take their sizes/axes as attributes before 13/18), constants as initializers or
+Constant nodes, float16 (weights and activations; inputs and outputs float16, or float32 with a
+Cast after each input and before each output), and the IR-3 convention (ir_version 3, every
+initializer also a graph input). `canonical` undoes all but the opset.
 `model.doc_string` describes what was drawn, one line, for the fuzzer's notes.
 """
 
@@ -39,6 +40,8 @@ OPSETS = (17, 9, 11, 13, 21)
 FLOAT16 = ("no", "io", "cast")
 """float32 model; float16 model with float16 inputs/outputs; float16 inside, float32 outside."""
 
+Dim = int | str | None
+"""A tensor dimension: static, symbolic (dim_param), or unknown."""
 WIDTHS = st.integers(min_value=1, max_value=8)
 
 
@@ -48,8 +51,8 @@ class State:
 
     tensor: str
     channels: int
-    spatial: list[int | str]
-    outputs: list[tuple[str, list[int | str]]] = field(default_factory=list)
+    spatial: list[Dim]
+    outputs: list[tuple[str, list[Dim]]] = field(default_factory=list)
     count: int = 0
 
     def name(self, kind: str) -> str:
@@ -185,7 +188,7 @@ BLOCKS: dict[str, Block] = {
 }
 
 
-def _head(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[int | str]]:
+def _head(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[Dim]]:
     """Final layer: a conv output, or GAP -> Flatten -> Gemm, or GAP -> Flatten -> MatMul."""
     kind = draw(st.sampled_from(["conv", "gemm", "matmul"]))
     width = draw(WIDTHS)
@@ -263,7 +266,7 @@ def _steps(b: GraphBuilder, s: State, y: str) -> str:
                   name)
 
 
-def _recurrent(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[int | str]]:
+def _recurrent(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[Dim]]:
     """LSTM or GRU over the conv features, then one of: its output Y; its last state Y_h;
     Gemm(Y_h as [N, dirs*hidden]); MatMul on each step of Y; a second LSTM/GRU on Y (its Y_h)."""
     sequence, length, features = _sequence(draw, b, s)
@@ -358,6 +361,39 @@ def apply_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
     return model
 
 
+def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` (made by `cnn_graphs`) with its variant undone but for the opset:
+    float32, constants as initializers, the current IR with only data inputs."""
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    graph = plain.graph
+    for node in [node for node in graph.node if node.op_type == "Constant"]:
+        graph.initializer.append(numpy_helper.from_array(
+            numpy_helper.to_array(node.attribute[0].t), node.output[0]))
+        graph.node.remove(node)
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT16:
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+    inputs = {value.name for value in graph.input}
+    for node in [node for node in graph.node if node.name.startswith("cast_")]:
+        old, new = ((node.output[0], node.input[0]) if node.input[0] in inputs
+                    else (node.input[0], node.output[0]))
+        graph.node.remove(node)
+        for other in graph.node:
+            other.input[:] = [new if name == old else name for name in other.input]
+            other.output[:] = [new if name == old else name for name in other.output]
+    constants = {tensor.name for tensor in graph.initializer}
+    data = [value for value in graph.input if value.name not in constants]
+    del graph.input[:]
+    graph.input.extend(data)
+    for value in [*graph.input, *graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    plain.ir_version = onnx.IR_VERSION
+    onnx.checker.check_model(plain, full_check=True)
+    return plain
+
+
 @st.composite
 def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
                ) -> onnx.ModelProto:
@@ -369,8 +405,8 @@ def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
     seed = draw(st.integers(min_value=0, max_value=2**16))
     b = GraphBuilder(seed, variant.opset, variant.constant_nodes)
     in_channels = draw(st.integers(min_value=1, max_value=4))
-    spatial: list[int | str] = [name if draw(st.booleans()) else draw(st.integers(3, 6))
-                                for name in ("H", "W")]
+    spatial: list[Dim] = [draw(st.sampled_from([draw(st.integers(3, 6)), name, None]))
+                          for name in ("H", "W")]
     s = State("x", in_channels, spatial)
     s.channels = draw(WIDTHS)
     s.tensor = _conv(b, s, "x", in_channels, s.channels)

@@ -62,6 +62,14 @@ def concat_symbolic_spatial() -> onnx.ModelProto:
     return b.model([("x", ["N", 2, "H", "W"])], [("conv4", ["N", 1, "H", "W"])])
 
 
+def unknown_height() -> onnx.ModelProto:
+    """x [N,3,?,5] (height unknown: no dim_value, no dim_param) -> Conv 'conv1' (4) -> Conv
+    'conv2' (2) -> y [N,2,?,5]."""
+    b = GraphBuilder(0)
+    b.conv(b.conv("x", "conv1", 3, 4), "conv2", 4, 2)
+    return b.model([("x", ["N", 3, None, 5])], [("conv2", ["N", 2, None, 5])])  # type: ignore[list-item]
+
+
 def conv_lstm(op: str = "LSTM") -> onnx.ModelProto:
     """x [N,2,3,4] -> Conv 'conv1' (5) -> Reshape [0, 5, -1] -> Transpose -> [12, N, 5] ->
     LSTM/GRU 'rnn' (hidden 3) -> Y_h 'rnn_out1' [1, N, 3] -> y."""
@@ -104,6 +112,10 @@ REGRESSIONS = (
                "--flops on a model whose Conv MACs cannot be counted (symbolic H, W: "
                "ModelCost.uncounted) prunes with no warning that the budget covers only the "
                "counted MACs (here none)"),
+    Regression("unknown_output_dim", unknown_height, {"ratio": 0.5},
+               "the compressed model declares its output [N, 2, 'unk__1', 5]: an unknown dim "
+               "of a graph output becomes the symbol shape inference invented "
+               "(graph/model.py infer_shapes, kept by rewrite.py)"),
     Regression("conv_lstm", conv_lstm, {"ratio": 0.5}),
     Regression("conv_gru_flops", lambda: conv_lstm("GRU"), {"flops": 0.5, "allocation": "dof"}),
 )

@@ -16,6 +16,7 @@ import json
 import re
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ class Failure:
     description: str = ""
     traceback: str = ""
     file: str = ""
+    kinds: Counter[str] = field(default_factory=Counter)
+    """How many of the failing graphs had each drawn option (`kinds`)."""
+
+    def common(self) -> list[str]:
+        """The drawn options every failing graph had."""
+        return sorted(kind for kind, count in self.kinds.items() if count == self.count)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Survey:
         key = signature(error)
         failure = self.failures.setdefault(key, Failure(key))
         failure.count += 1
+        failure.kinds.update(kinds(model.doc_string, options))
         if len(model.graph.node) < failure.nodes:
             failure.nodes = len(model.graph.node)
             failure.description = f"{model.doc_string}; options {options}"
@@ -67,8 +75,20 @@ class Survey:
     def write(self) -> None:
         summary = {"examples": self.examples, "passed": self.passed,
                    "seconds": round(time.monotonic() - self.started, 1),
-                   "failures": [vars(failure) for failure in self.failures.values()]}
+                   "failures": [{**vars(failure), "common": failure.common()}
+                                for failure in self.failures.values()]}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def kinds(description: str, options: dict[str, Any]) -> list[str]:
+    """The drawn options of a graph (from its `cnn_graphs` description) and the budget kind."""
+    fields = re.findall(r"(\w+=[^,)]+)", description.split(";")[0])
+    symbolic = re.search(r"input \[N, \d+, (\w+), (\w+)\]", description)
+    spatial = ["spatial " + "/".join("static" if dim.isdigit() else dim for dim in
+                                     symbolic.groups())] if symbolic else []
+    heads = [f"head {name}" for name in re.findall(r"head (\w+)", description)]
+    cuts = [f"has {block}" for block in ("concat", "split") if f"'{block}'" in description]
+    return [*fields, *spatial, *heads, *cuts, "budget " + next(iter(options))]
 
 
 def signature(error: BaseException) -> str:
@@ -119,7 +139,8 @@ def main() -> None:
     print(f"{survey.examples} examples, {survey.passed} passed, "
           f"{len(survey.failures)} distinct failures:")
     for failure in survey.failures.values():
-        print(f"  {failure.count:5d}x {failure.signature}\n         {failure.description}")
+        print(f"  {failure.count:5d}x {failure.signature}\n         {failure.description}\n"
+              f"         all had: {', '.join(failure.common()) or '-'}")
 
 
 if __name__ == "__main__":
