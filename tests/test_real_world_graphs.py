@@ -150,6 +150,16 @@ def test_analysis_with_shape_feeds_prunes_through_the_lost_shape() -> None:
     analyze(conv_sandwich(), shape_feeds=lambda: pytest.fail("no shape was missing"))
 
 
+def test_peek_gives_the_first_samples_without_consuming_them() -> None:
+    data = _x(5)
+    stream = open_calibration([{"x": data["x"][:2]}, {"x": data["x"][2:]}],
+                              model_input_specs(conv_sandwich()))
+    np.testing.assert_array_equal(stream.peek(3)["x"], data["x"][:3])
+    np.testing.assert_array_equal(stream.peek()["x"], data["x"][:1])
+    batches = list(stream.take(5, 4))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), data["x"])
+
+
 def test_observed_shapes_read_intermediate_tensors() -> None:
     shapes = observed_shapes(conv_sandwich(), _x(2), ["conv1"])
     assert shapes == {"conv1": (2, 7, 8, 8)}

@@ -349,8 +349,8 @@ class GraphIndex:
         dims = self.shapes.get(tensor)
         if dims is None:
             raise GraphError("shape inference gives no shape for this tensor; calibration data "
-                             "gives the shapes (run with --calib DATA, or analyze(..., "
-                             "shape_feeds=...))", node=node, tensor=tensor)
+                             "gives the shapes (compress with --calib DATA; from Python, "
+                             "analyze(model, shape_feeds=DATA))", node=node, tensor=tensor)
         return dims
 
 
