@@ -138,31 +138,72 @@ def se_gate(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
     s.tensor = b.node("Mul", [s.tensor, gate], s.name("gate"))
 
 
+def _channel_axis(draw: st.DrawFn) -> int:
+    return draw(st.sampled_from([1, -3]))
+
+
 def concat(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
-    """Two convs of random widths from t, concatenated on the channel axis."""
-    widths = [draw(WIDTHS), draw(WIDTHS)]
-    parts = [_conv(b, s, s.tensor, s.channels, width) for width in widths]
-    s.tensor = b.node("Concat", parts, s.name("concat"), axis=1)
+    """Two or three parts concatenated on the channel axis (1 or -3): convs of random widths
+    from t, and maybe t itself (DenseNet)."""
+    count = draw(st.integers(2, 3))
+    dense = draw(st.integers(-1, count - 1))  # position of t itself, -1: none
+    widths = [s.channels if index == dense else draw(WIDTHS) for index in range(count)]
+    parts = [s.tensor if index == dense else _conv(b, s, s.tensor, s.channels, width)
+             for index, width in enumerate(widths)]
+    s.tensor = b.node("Concat", parts, s.name("concat"), axis=_channel_axis(draw))
     s.channels = sum(widths)
 
 
+def _split_sizes(draw: st.DrawFn, b: GraphBuilder, channels: int) -> tuple[list[int], str]:
+    """Part sizes (each >= 1) and how the Split gives them: 'sizes' (input from opset 13,
+    attribute before), 'equal' (no sizes, equal parts; before opset 18) or 'num_outputs'
+    (from opset 18)."""
+    count = draw(st.integers(2, min(3, channels)))
+    forms = ["sizes"]
+    if channels % count == 0 and b.opset < 18:
+        forms.append("equal")
+    chunk = -(-channels // count)
+    if b.opset >= 18 and channels - chunk * (count - 1) >= 1:
+        forms.append("num_outputs")
+    form = draw(st.sampled_from(forms))
+    if form == "equal":
+        return [channels // count] * count, form
+    if form == "num_outputs":
+        return [chunk] * (count - 1) + [channels - chunk * (count - 1)], form
+    cuts = sorted(draw(st.sets(st.integers(1, channels - 1), min_size=count - 1,
+                               max_size=count - 1)))
+    return [end - start for start, end in zip([0, *cuts], [*cuts, channels], strict=True)], form
+
+
 def split(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
-    """Split the channels in two (widths >= 1), a conv on each part, summed."""
+    """Split the channels (axis 1 or -3) in two or three parts (widths >= 1); then a conv on
+    each part, summed, or the parts (each through a conv or not) concatenated in reverse."""
     if s.channels < 2:
         return conv(draw, b, s)
-    first = draw(st.integers(min_value=1, max_value=s.channels - 1))
+    sizes, form = _split_sizes(draw, b, s.channels)
     name = s.name("split")
-    sizes = [first, s.channels - first]
-    if b.opset >= 13:
-        b.node("Split", [s.tensor, b.const(f"{name}_sizes", np.array(sizes, dtype=np.int64))],
-               name, outputs=2, axis=1)
-    else:
-        b.node("Split", [s.tensor], name, outputs=2, axis=1, split=sizes)
-    width = draw(WIDTHS)
-    left = _conv(b, s, name, first, width)
-    right = _conv(b, s, f"{name}_out1", s.channels - first, width)
-    s.tensor = b.node("Add", [left, right], s.name("add"))
-    s.channels = width
+    attrs: dict[str, object] = {"axis": _channel_axis(draw)}
+    inputs = [s.tensor]
+    if form == "sizes" and b.opset >= 13:
+        inputs.append(b.const(f"{name}_sizes", np.array(sizes, dtype=np.int64)))
+    elif form == "sizes":
+        attrs["split"] = sizes
+    elif form == "num_outputs":
+        attrs["num_outputs"] = len(sizes)
+    b.node("Split", inputs, name, outputs=len(sizes), **attrs)
+    parts = [name] + [f"{name}_out{index}" for index in range(1, len(sizes))]
+    if draw(st.booleans()):
+        width = draw(WIDTHS)
+        total = _conv(b, s, parts[0], sizes[0], width)
+        for part, size in zip(parts[1:], sizes[1:], strict=True):
+            total = b.node("Add", [total, _conv(b, s, part, size, width)], s.name("add"))
+        s.tensor, s.channels = total, width
+        return None
+    widths = [draw(st.sampled_from([size, draw(WIDTHS)])) for size in sizes]
+    convs = [part if draw(st.booleans()) and width == size else _conv(b, s, part, size, width)
+             for part, size, width in zip(parts, sizes, widths, strict=True)]
+    s.tensor = b.node("Concat", convs[::-1], s.name("concat"), axis=1)
+    s.channels = sum(widths)
     return None
 
 

@@ -7,6 +7,9 @@ the message with numbers blanked) and keeps, per signature, the count and the sm
 `<out>/summary.json` (rewritten as the run goes, so a run cut short still reports):
 
     python -m tests.fuzz_survey --examples 5000 --seconds 2400 --out /tmp/fuzz_failures
+
+`--shrink TEXT` instead lets hypothesis shrink the failures whose signature contains TEXT (the
+others count as passing) and prints the smallest graph found.
 """
 
 from __future__ import annotations
@@ -129,12 +132,43 @@ def run(examples: int, seconds: float, out: Path) -> Survey:
     return survey
 
 
+def shrink(text: str, examples: int, out: Path) -> None:
+    """Shrink the failures whose signature contains `text`; save the smallest one found."""
+    out.mkdir(parents=True, exist_ok=True)
+    found: list[tuple[onnx.ModelProto, dict[str, Any], str]] = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    @given(case=cases())
+    def shrink_case(case: tuple[onnx.ModelProto, dict[str, Any]]) -> None:
+        try:
+            check_case(*case)
+        except Exception as error:
+            if text in signature(error):
+                found.append((*case, "".join(traceback.format_exception(error))[-3000:]))
+                raise
+
+    try:
+        shrink_case()
+    except Exception:
+        model, options, trace = found[-1]
+        onnx.save(model, str(out / "shrunk.onnx"))
+        print(f"{trace}\n{model.doc_string}; options {options}\nsaved: {out / 'shrunk.onnx'}")
+        return
+    print(f"no failure matching {text!r} in {examples} examples")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("fuzz_failures"))
+    parser.add_argument("--shrink", metavar="TEXT",
+                        help="shrink the failures whose signature contains TEXT")
     args = parser.parse_args()
+    if args.shrink:
+        shrink(args.shrink, args.examples, args.out)
+        return
     survey = run(args.examples, args.seconds, args.out)
     print(f"{survey.examples} examples, {survey.passed} passed, "
           f"{len(survey.failures)} distinct failures:")
