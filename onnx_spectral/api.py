@@ -27,6 +27,7 @@ from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
+    InputSpec,
     SampleStream,
     fixed_batch_size,
     model_input_specs,
@@ -43,18 +44,23 @@ from onnx_spectral.calibration.stats_files import (
 from onnx_spectral.calibration.tap_cost import gram_strides
 from onnx_spectral.correction.compensate import compensated_plans
 from onnx_spectral.correction.refit import refit_pruned
+from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import load_model
+from onnx_spectral.graph.shapes import Feeds, InputShapes
 from onnx_spectral.options import CompressOptions, with_overrides
 from onnx_spectral.report import Report, group_reports
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.group_cost import GroupCosts, group_costs
-from onnx_spectral.selection.model_cost import ModelCost, model_cost
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
+from onnx_spectral.selection.widths import check_budget
 from onnx_spectral.verify import Verification, compare_models, reconstruction_error
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
+
+BUDGET_TOLERANCE = 0.005
+"""Share of the full cost by which a compressed model may exceed its flops/params budget."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Prepared:
 
     `stream`: the calibration data (None with saved statistics and no data). `saved`: saved
     statistics to select from instead of calibrating. `batch`: samples per ONNX Runtime run.
+    `cost`: the model's size and MACs at the shape it runs at (`deployment_inputs`).
     """
 
     original: onnx.ModelProto
@@ -71,6 +78,7 @@ class Prepared:
     saved: SavedStatistics | None
     batch: int
     notes: tuple[str, ...]
+    cost: ModelCost
 
 
 @dataclass(frozen=True)
@@ -149,14 +157,13 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         original = load_model(model)
     with clock("analyze"):
         prepared = prepare(original, calibration_data, options, statistics)
+        costs = budget_costs(prepared, options)
     corrections = decide_corrections(prepared, options)
     with clock("calibrate"):
         calibrated = shared_statistics(prepared, options, corrections.need_batches)
-    cost_before = model_cost(prepared.analysis.graph.model)
+    cost_before = prepared.cost
     with clock("select"):
-        planned = plan(prepared, calibrated, options, corrections,
-                       group_costs(prepared.analysis, cost_before)
-                       if options.plan_options().budgeted else None)
+        planned = plan(prepared, calibrated, options, corrections, costs)
     with clock("rewrite"):
         compressed = rewrite_model(prepared, planned)
     with clock("refit") if corrections.refit else nullcontext():
@@ -166,8 +173,10 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     with clock("verify"):
         verified = verify(prepared, compressed, calibrated, planned, options)
     notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
+    cost_after = model_cost(compressed, cost_before.input_shapes)
+    check_budget_met(cost_before, cost_after, options)
     report = build_report(prepared, calibrated, planned, verified, cost_before,
-                          model_cost(compressed), options, clock.seconds, notes)
+                          cost_after, options, clock.seconds, notes)
     return compressed, report
 
 
@@ -192,7 +201,109 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     if saved is not None:
         notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     batch = fixed_batch_size(specs) or options.batch_size
-    return Prepared(original, analysis, stream, saved, batch, tuple(notes))
+    cost = model_cost(analysis.graph.model, deployment_inputs(specs, options, stream))
+    return Prepared(original, analysis, stream, saved, batch, tuple(notes), cost)
+
+
+def deployment_inputs(specs: Sequence[InputSpec], options: CompressOptions,
+                      stream: SampleStream | None) -> Feeds | InputShapes | None:
+    """What the MACs are counted at: the `input_shape` option's shapes, completed from one
+    sample (one batch for a fixed batch size) of the calibration data; or that sample itself
+    when the option is not given and some input has a dim past the batch the model leaves
+    open; None without either (the declared shapes, batch 1).
+
+    Raises:
+        OptionsError: `input_shape` names an input the model lacks, gives one a rank or a
+            fixed dim other than the model's, or leaves an input out with no data to fill it.
+    """
+    given = _named_input_shapes(specs, options)
+    batch = fixed_batch_size(specs) or 1
+    for spec in specs:  # inputs whose dims past the batch are all fixed need no data
+        if spec.name not in given and all(dim is not None for dim in spec.shape[1:]):
+            given[spec.name] = (batch, *(int(dim) for dim in spec.shape[1:] if dim is not None))
+    missing = [spec.name for spec in specs if spec.name not in given]
+    if not missing:
+        return given
+    if stream is None:
+        if not given:
+            return None
+        raise OptionsError(f"--input-shape gives no shape for the model inputs {missing}; "
+                           "give one for each input (or calibration data)")
+    sample = stream.peek(batch)
+    if not given:
+        return sample
+    return {**given, **{name: tuple(np.shape(sample[name])) for name in missing}}
+
+
+def _named_input_shapes(specs: Sequence[InputSpec], options: CompressOptions
+                        ) -> dict[str, tuple[int, ...]]:
+    """The `input_shape` option by input name, checked against the model's inputs."""
+    names = [spec.name for spec in specs]
+    given = dict(options.input_shape)
+    if "" in given:  # a shape without a name: the single input's
+        if len(specs) != 1:
+            raise OptionsError(f"--input-shape {','.join(map(str, given['']))} has no input "
+                               f"name and the model has {len(specs)} inputs {names}; write "
+                               "NAME:D0,D1,...")
+        given[specs[0].name] = given.pop("")
+    for name, shape in given.items():
+        spec = next((spec for spec in specs if spec.name == name), None)
+        if spec is None:
+            raise OptionsError(f"--input-shape names '{name}', not an input of the model; its "
+                               f"inputs: {names}")
+        if len(shape) != len(spec.shape) or any(
+                dim is not None and dim != size
+                for dim, size in zip(spec.shape, shape, strict=False)):
+            declared = ["?" if dim is None else dim for dim in spec.shape]
+            raise OptionsError(f"--input-shape {name}:{','.join(map(str, shape))} does not fit "
+                               f"the model's input '{name}' {declared} ('?': any size)")
+    return given
+
+
+def budget_costs(prepared: Prepared, options: CompressOptions) -> GroupCosts | None:
+    """The cost model of the group widths under a flops/params budget (None without one),
+    once it is known that the budget can be met: before any calibration.
+
+    Raises:
+        OptionsError: the MACs (under `flops`) are not known at the shape the model runs at,
+            or even the narrowest widths allowed keep more than the budget.
+        UnsupportedGraphError: no channel group is prunable, so no budget below 1 can be met.
+    """
+    plan_options = options.plan_options()
+    if not plan_options.budgeted:
+        return None
+    cost = prepared.cost
+    flops = plan_options.flops is not None
+    name, what = ("--flops", "MACs") if flops else ("--params", "parameters")
+    fraction = plan_options.flops if flops else plan_options.params
+    assert fraction is not None
+    if flops and not cost.complete:
+        raise OptionsError(f"{name} {fraction}: the MACs are not known at the shape the model "
+                           f"runs at: {cost.missing_shape_text()}")
+    if (cost.macs if flops else cost.params) <= 0:
+        raise OptionsError(f"{name} {fraction}: the model has no {what} to keep a share of "
+                           "(no Conv/Gemm/MatMul layer or floating-point weight is counted)")
+    if fraction < 1.0 and not prepared.analysis.prunable:
+        raise UnsupportedGraphError(f"{name} {fraction} cannot be met: the model keeps 100% of "
+                                    f"its {what}; {_nothing_prunable(prepared.analysis)}")
+    costs = group_costs(prepared.analysis, cost)
+    check_budget(costs.macs if flops else costs.params, fraction, plan_options.round_to,
+                 plan_options.min_keep, name)
+    return costs
+
+
+def check_budget_met(before: ModelCost, after: ModelCost, options: CompressOptions) -> None:
+    """Raise OptionsError when the compressed model keeps more than its flops/params budget
+    (beyond `BUDGET_TOLERANCE`), with the figures."""
+    checks = (("--flops", options.flops, before.macs, after.macs,
+               f"MACs at {before.shape_text()}"),
+              ("--params", options.params, before.params, after.params, "parameters"))
+    for name, fraction, full, kept, what in checks:
+        if fraction is not None and full > 0 and kept / full > fraction + BUDGET_TOLERANCE:
+            raise OptionsError(
+                f"{name} {fraction} was not met: the compressed model keeps {kept / full:.4f} "
+                f"({kept:,} of {full:,} {what}); the width allocation's cost model disagrees "
+                "with the rewritten model (please report this)")
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
@@ -225,7 +336,7 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
     Gram budget; set the held-out batches apart; with `keep_batches`, keep the first batches
     for the correction passes."""
     analysis = prepared.analysis
-    instrumented = _instrumented(analysis, options)
+    instrumented = _instrumented(prepared, options)
     stream = prepared.stream
     first_batches: list[FeedDict] = []
     if prepared.saved is not None:
@@ -363,7 +474,7 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
                               options.verify_samples)
     start, stop = shard.bounds(n_calib)
     _skip(prepared.stream, start, prepared.batch)
-    gathered = (calibrate(_instrumented(analysis, options),
+    gathered = (calibrate(_instrumented(prepared, options),
                           prepared.stream.take(stop - start, prepared.batch), options.provider,
                           total_samples=stop - start, progress=options.progress)
                 if analysis.taps else Statistics({}, 0))
@@ -371,12 +482,13 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
                            tuple(TapKey.of(tap) for tap in analysis.taps), n_calib, (shard,))
 
 
-def _instrumented(analysis: Analysis, options: CompressOptions) -> Instrumented:
+def _instrumented(prepared: Prepared, options: CompressOptions) -> Instrumented:
     """The model with its taps' statistics as outputs, positions subsampled to the Gram
     budget."""
+    analysis = prepared.analysis
     return instrument(analysis.graph, analysis.taps,
                       gram_strides(analysis.graph, analysis.taps, options.gram_budget,
-                                   options.calib_samples))
+                                   options.calib_samples, prepared.cost))
 
 
 def _skip(stream: SampleStream, count: int, batch: int) -> None:

@@ -29,6 +29,7 @@ from onnx_spectral.calibration.stats_files import (
     merge_statistics,
     save_statistics,
 )
+from onnx_spectral.cost import model_cost
 from onnx_spectral.errors import (
     DataError,
     GraphError,
@@ -45,7 +46,6 @@ from onnx_spectral.graph.model import load_model
 from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
 from onnx_spectral.plots import require_matplotlib, write_plots
 from onnx_spectral.report import analysis_dict, format_analysis, format_seconds
-from onnx_spectral.selection.model_cost import model_cost
 
 EXIT_CODES: dict[type[SpectralError], int] = {
     OptionsError: 2,
@@ -66,7 +66,7 @@ INTERRUPTED = 130
 DEBUG_VARIABLE = "ONNX_SPECTRAL_DEBUG"
 """Set to 1 to print the traceback of an error, as --debug does."""
 _COMMAND_OPTIONS = ("calib_samples", "verify_samples", "batch_size", "provider", "exclude",
-                    "seed", "preprocess", "gram_budget")
+                    "seed", "preprocess", "gram_budget", "input_shape")
 """The options of `onnx-spectral calibrate` (the calibration's part of compression's)."""
 
 
@@ -113,12 +113,15 @@ def _add_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = 
             action = "store_true" if spec.switch == "on" else "store_false"
             target.add_argument(_flag(name), dest=name, default=default, action=action,
                                 help=spec.flag_help or spec.help)
+        elif spec.many:  # repeatable, each time with one or more values
+            target.add_argument(_flag(name), dest=name, default=list(default),
+                                metavar=spec.metavar, type=spec.parse or str, nargs="+",
+                                action="extend", help=spec.help)
         else:
-            shown = "" if default in (None, ()) else " (default %(default)s)"
+            shown = "" if default is None else " (default %(default)s)"
             target.add_argument(_flag(name), dest=name, default=default, metavar=spec.metavar,
                                 type=spec.parse or _scalar(types[name]),
-                                choices=choices(types[name]), nargs="+" if spec.many else None,
-                                help=spec.help + shown)
+                                choices=choices(types[name]), help=spec.help + shown)
 
 
 def _scalar(kind: Any) -> Callable[[str], Any]:
@@ -169,7 +172,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
                      description="List the channel groups of a model.")
     parser.add_argument("input", type=Path, help="model to analyze (.onnx)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _add_options(parser, ["exclude"])
+    _add_options(parser, ["exclude", "input_shape"])
     return parser
 
 
@@ -267,12 +270,27 @@ def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _analyze_parser().parse_args(argv)
     model = load_model(args.input)
     analysis = analyze(model, args.exclude)
-    cost = model_cost(model)
+    options = _options(args)
+    shapes = dict(options.input_shape)
+    if "" in shapes:  # a shape without a name: the single input's
+        shapes = _single_input_shape(model, shapes.pop(""))
+    cost = model_cost(model, shapes or None)
     if args.json:
         print(json.dumps(analysis_dict(analysis, cost), indent=2))
     else:
         print(format_analysis(analysis, cost))
     return 0
+
+
+def _single_input_shape(model: onnx.ModelProto, shape: tuple[int, ...]
+                        ) -> dict[str, tuple[int, ...]]:
+    """`--input-shape` without a name, for the model's one input."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value.name for value in model.graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        raise OptionsError(f"--input-shape {','.join(map(str, shape))} has no input name and "
+                           f"the model has {len(inputs)} inputs {inputs}; write NAME:D0,D1,...")
+    return {inputs[0]: shape}
 
 
 def _calibrate_parser() -> argparse.ArgumentParser:

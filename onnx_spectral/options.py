@@ -13,7 +13,7 @@ import dataclasses
 import math
 import numbers
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +72,47 @@ def at_least(bound: int, note: str = "") -> Check:
     def check(value: float) -> str | None:
         return None if value >= bound else f"must be >= {bound}{note}"
     return check
+
+
+InputShape = tuple[str, tuple[int, ...]]
+"""A model input's name and the full shape (samples first) its MACs are counted at."""
+
+
+def parse_input_shape(text: str) -> InputShape:
+    """`NAME:D0,D1,...` as (NAME, (D0, D1, ...)); the name may be left out ("" then), for a
+    model with one input."""
+    name, _, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(dim) for dim in dims.split(","))
+    except ValueError:
+        raise OptionsError(f"--input-shape {text}: expected NAME:D0,D1,... with whole numbers, "
+                           "e.g. x:1,3,48,192") from None
+    return name, shape
+
+
+def input_shapes_of(value: Any) -> tuple[InputShape, ...]:
+    """`input_shape` as given to the API (a dict name -> shape, or (name, shape) pairs or
+    "NAME:D0,D1,..." strings) as (name, shape) pairs."""
+    items: Iterable[Any] = value.items() if isinstance(value, Mapping) else value
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            pairs.append(parse_input_shape(item))
+        else:
+            name, shape = item
+            pairs.append((str(name), tuple(shape)))
+    return tuple(pairs)
+
+
+def input_shapes_problem(value: tuple[InputShape, ...]) -> str | None:
+    """What is wrong with (name, shape) pairs: a size below 1 or a name given twice."""
+    names = [name for name, _ in value]
+    if len(set(names)) < len(names):
+        return "names an input twice"
+    for name, shape in value:
+        if not shape or not all(isinstance(d, numbers.Integral) and d >= 1 for d in shape):
+            return f"input '{name}': every dim must be a whole number >= 1"
+    return None
 
 
 def positive(value: float) -> str | None:
@@ -140,6 +181,11 @@ class CompressOptions:
         0.05, "calibration's Gram matrices may cost at most this share of the model's MACs; "
         "taps whose Gram is dear against the layers reading them subsample positions to meet "
         "it, keeping at least 8 rows per channel (0: every position)", check=at_least(0))
+    input_shape: tuple[InputShape, ...] = option(
+        (), "shape of a model input the MACs are counted at (for --flops and the report), "
+        "samples first, e.g. x:1,3,48,192 (one per input; the name may be left out for a "
+        "single-input model); default: one sample of the calibration data",
+        many=True, parse=parse_input_shape, metavar="NAME:DIMS", check=input_shapes_problem)
     flops: float | None = option(None, "fraction of the whole model's MACs to keep (overrides "
                                  "--ratio)", check=optional(in_unit(True)), metavar="R",
                                  exclusive="budget", plan="flops")
@@ -171,6 +217,12 @@ class CompressOptions:
                                  check=at_least(1))
 
     def __post_init__(self) -> None:
+        try:
+            shapes = input_shapes_of(self.input_shape)
+        except (TypeError, ValueError) as exc:
+            raise OptionsError(f"input_shape={self.input_shape!r}: accepted: a dict input name "
+                               "-> shape, or 'NAME:D0,D1,...' strings") from exc
+        object.__setattr__(self, "input_shape", shapes)
         check_values(values_of(self), KEYWORDS)
 
     def plan_options(self) -> PlanOptions:
@@ -183,6 +235,7 @@ class CompressOptions:
         values = dataclasses.asdict(self)
         values["exclude"] = list(self.exclude)
         values["preprocess"] = None if self.preprocess is None else str(self.preprocess)
+        values["input_shape"] = {name: list(shape) for name, shape in self.input_shape}
         return values
 
 

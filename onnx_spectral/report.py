@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from onnx_spectral.analysis import Analysis, Part
-from onnx_spectral.selection.model_cost import ModelCost
+from onnx_spectral.cost import ModelCost
 from onnx_spectral.selection.plan import PlannedGroup
 from onnx_spectral.verify import Verification
 
@@ -71,7 +71,8 @@ class Report:
         return {
             "groups": [asdict(group) for group in self.groups],
             "params": {"before": self.cost_before.params, "after": self.cost_after.params},
-            "macs": {"before": self.cost_before.macs, "after": self.cost_after.macs},
+            "macs": {"before": self.cost_before.macs, "after": self.cost_after.macs,
+                     **_macs_shape(self.cost_before)},
             "calibration_samples": self.calibration_samples,
             "verification": None if self.verification is None else asdict(self.verification),
             "options": dict(self.options),
@@ -93,7 +94,10 @@ class Report:
         lines = _table(rows)
         lines.append("")
         lines.append(_ratio_line("parameters", self.cost_before.params, self.cost_after.params))
-        lines.append(_ratio_line("MACs/sample", self.cost_before.macs, self.cost_after.macs))
+        lines.append(_ratio_line("MACs/sample", self.cost_before.macs, self.cost_after.macs)
+                     + f", at {self.cost_before.shape_text()}")
+        if not self.cost_before.complete:
+            lines.append(f"  (a lower bound: {self.cost_before.missing_shape_text()})")
         lines.append(f"calibration samples: {self.calibration_samples}")
         if self.verification is not None:
             lines.append(f"held-out verification on {self.verification.samples} samples:")
@@ -177,7 +181,11 @@ def format_analysis(analysis: Analysis, cost: ModelCost) -> str:
     lines.append(f"{sum(group.prunable for group in base)} of {len(base)} groups prunable "
                  f"({prunable} of {total} channels; concatenations and splits not counted)")
     lines.append(f"parameters: {cost.params:,}")
-    lines.append(f"MACs/sample: {cost.macs:,}")
+    if cost.complete:
+        lines.append(f"MACs/sample: {cost.macs:,}, at {cost.shape_text()}")
+    else:
+        lines.append(f"MACs/sample: unknown; at least {cost.macs:,} (at {cost.shape_text()}); "
+                     f"{cost.missing_shape_text()}")
     return "\n".join(lines)
 
 
@@ -198,5 +206,15 @@ def analysis_dict(analysis: Analysis, cost: ModelCost) -> dict[str, Any]:
             for group in analysis.groups
         ],
         "params": cost.params,
-        "macs": cost.macs,
+        "macs": cost.macs if cost.complete else None,
+        "macs_counted": cost.macs,
+        **_macs_shape(cost),
     }
+
+
+def _macs_shape(cost: ModelCost) -> dict[str, Any]:
+    """Which input shapes the MACs are for (None: the declared ones, batch 1) and the linear
+    layers left uncounted there (their dims depend on symbolic input dims)."""
+    return {"input_shapes": None if cost.input_shapes is None
+            else {name: list(shape) for name, shape in cost.input_shapes.items()},
+            "uncounted": list(cost.uncounted)}

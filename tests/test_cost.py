@@ -1,4 +1,4 @@
-"""Tests of onnx_spectral.selection.model_cost on tiny hand-made graphs, hand-computed numbers."""
+"""Tests of onnx_spectral.cost on tiny hand-made graphs, hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import ModelError
-from onnx_spectral.selection.model_cost import ModelCost, model_cost
 
 Dims = Sequence[int | str | None]
 

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
+from onnx_spectral.cost import model_cost
 from onnx_spectral.selection.group_cost import group_costs
-from onnx_spectral.selection.model_cost import model_cost
 from tests.graphs import GraphBuilder
 from tests.test_ops import FAST, _by_producer, _check_runs_like, _constant, _data
 

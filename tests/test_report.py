@@ -17,8 +17,8 @@ import pytest
 
 from onnx_spectral import compress
 from onnx_spectral.cli import main
+from onnx_spectral.cost import ModelCost
 from onnx_spectral.report import GroupReport, Report
-from onnx_spectral.selection.model_cost import ModelCost
 from tests import graphs, graphs_coverage
 from tests.graphs import GraphBuilder
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from onnx_spectral.analysis import analyze
+from onnx_spectral.cost import model_cost
 from onnx_spectral.errors import OptionsError
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.group_cost import group_costs
-from onnx_spectral.selection.model_cost import model_cost
 from onnx_spectral.selection.plan import GroupPlan
 from onnx_spectral.selection.widths import (
     CostModel,

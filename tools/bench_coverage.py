@@ -1,7 +1,14 @@
-"""Coverage and fidelity of onnx-spectral on the onnx package's model-zoo graphs (issue 3).
+"""Coverage and fidelity of onnx-spectral on real graphs: the model-zoo tables and the corpus.
 
     python tools/bench_coverage.py [--models resnet50 vgg19 ... ppocr transformer]
         [--ratio 0.5] [--calib 32] [--verify 8] [--ridge 1e-3]
+    python tools/bench_coverage.py --corpus [--models NAME ...] [--flops 0.5] [--calib 16]
+        [--verify 4] [--test 16] [--timeout 300] [--markdown FILE]
+
+`--corpus`: every model of models/corpus.py (or `--models`), compressed by onnx-spectral and
+pruned by onnxsim 0.8.1 at `--flops` of the MACs, each in its own process under `--timeout`
+seconds; one table row per model (tools/corpus_coverage.py says what each column measures),
+then a summary and the tracebacks of internal errors.
 
 Every `light_*` model (ResNet-50, VGG-19, DenseNet-121, Inception v1/v2, SqueezeNet, ShuffleNet,
 AlexNet, ZFNet-512) gets seeded random weights (models/zoo.py), is compressed at `--ratio` on
@@ -18,11 +25,12 @@ at 0.5: output cosine) get a second table.
 from __future__ import annotations
 
 import argparse
-import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,9 +39,18 @@ import onnxruntime as ort
 from models.zoo import LIGHT_MODELS, light_batches, light_input_name, light_model
 from onnx_spectral import compress
 from onnx_spectral.analysis import Analysis, ChannelGroup, analyze
+from onnx_spectral.cost import model_cost
 from onnx_spectral.graph.model import normalize
 from onnx_spectral.rewrite import check_interface
-from onnx_spectral.selection.model_cost import model_cost
+from tools.corpus_coverage import (
+    CORPUS_HEADER,
+    Settings,
+    format_corpus_row,
+    reason_kind,
+    run_corpus,
+    summary,
+    tracebacks,
+)
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -92,12 +109,6 @@ def shares(model: onnx.ModelProto, analysis: Analysis) -> tuple[float, float]:
         return sum(p for p, _ in pairs) / max(1, sum(c for _, c in pairs))
 
     return share(total), share(inner)
-
-
-def reason_kind(reason: str) -> str:
-    """A frozen reason without node and tensor names, so equal causes count together."""
-    text = re.sub(r"'[^']*'", "'*'", reason)
-    return re.sub(r"\(([A-Za-z]+ node '\*', input \d+ '\*')\)", "", text).strip()
 
 
 def logits_tensor(model: onnx.ModelProto) -> str:
@@ -258,28 +269,60 @@ def measure_transformer(ratio: float = 0.5, calib: int = 256, test: int = 64) ->
 EXTRA = {"ppocr": measure_ppocr, "transformer": measure_transformer}
 
 
+def corpus_table(names: list[str], settings: Settings, markdown: str | None) -> None:
+    """Print the corpus table row by row, then the summary and the internal errors'
+    tracebacks; with `markdown`, also write the table and summary to that file."""
+    rows = []
+    print(CORPUS_HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_corpus_") as scratch:
+        for name, spectral, onnxsim in run_corpus(names, settings, Path(scratch)):
+            rows.append((name, spectral, onnxsim))
+            print(format_corpus_row(name, spectral, onnxsim), flush=True)
+    text = summary(rows, settings.flops)
+    print("\n" + text + "\n\n" + tracebacks(rows), flush=True)
+    if markdown:
+        table = "\n".join([CORPUS_HEADER, *(format_corpus_row(*row) for row in rows)])
+        Path(markdown).write_text(f"{table}\n\n```\n{text}\n```\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(LIGHT_MODELS))
+    parser.add_argument("--models", nargs="+",
+                        help="zoo/ppocr/transformer names; with --corpus, corpus names")
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--calib", type=int, default=32)
-    parser.add_argument("--verify", type=int, default=8)
+    parser.add_argument("--calib", type=int, default=None,
+                        help="calibration samples (zoo 32, corpus 16)")
+    parser.add_argument("--verify", type=int, default=None,
+                        help="verification samples (zoo 8, corpus 4)")
     parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--corpus", action="store_true",
+                        help="the corpus table (models/corpus.py) against onnxsim at --flops")
+    parser.add_argument("--flops", type=float, default=0.5)
+    parser.add_argument("--test", type=int, default=16, help="corpus held-out samples")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds per corpus model and tool")
+    parser.add_argument("--markdown", help="write the corpus table to this file")
     args = parser.parse_args()
-    light = [name for name in args.models if name not in EXTRA]
+    if args.corpus:
+        from models.corpus import CORPUS
+
+        settings = Settings(args.flops, args.calib or 16, args.verify or 4, args.test,
+                            args.timeout, args.timeout)
+        corpus_table(args.models or [entry.name for entry in CORPUS], settings, args.markdown)
+        return
+    models = args.models or list(LIGHT_MODELS)
+    calib, verify = args.calib or 32, args.verify or 8
+    light = [name for name in models if name not in EXTRA]
     if light:
         print(HEADER, flush=True)
     for name in light:
-        print(format_row(measure(name, args.ratio, args.calib, args.verify, ridge=args.ridge)),
+        print(format_row(measure(name, args.ratio, calib, verify, ridge=args.ridge)),
               flush=True)
-    extra = [name for name in args.models if name in EXTRA]
+    extra = [name for name in models if name in EXTRA]
     if extra:
         print("| model | prunable | params | MACs | fidelity | time |\n|---|---|---|---|---|---|")
     for name in extra:
         print(EXTRA[name](), flush=True)
-
-
-
 
 
 if __name__ == "__main__":

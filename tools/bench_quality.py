@@ -42,9 +42,9 @@ from onnx_spectral.api import (
     shared_statistics,
 )
 from onnx_spectral.calibration.sources import FeedDict
+from onnx_spectral.cost import model_cost
 from onnx_spectral.graph.model import load_model
 from onnx_spectral.selection.group_cost import GroupCosts, group_costs
-from onnx_spectral.selection.model_cost import model_cost
 
 DEFAULTS = CompressOptions()
 BASE = CompressOptions(allocation="uniform", round_to=1, compensation=False, refit=False,

@@ -46,9 +46,9 @@ from onnx_spectral.api import CompressOptions, calibrate_statistics  # noqa: E40
 from onnx_spectral.calibration.collect import calibrate  # noqa: E402
 from onnx_spectral.calibration.instrument import Instrumented, instrument  # noqa: E402
 from onnx_spectral.calibration.tap_cost import gram_strides  # noqa: E402
+from onnx_spectral.cost import model_cost  # noqa: E402
 from onnx_spectral.graph.model import load_model  # noqa: E402
 from onnx_spectral.graph.sessions import Provider, open_session  # noqa: E402
-from onnx_spectral.selection.model_cost import model_cost  # noqa: E402
 from onnx_spectral.selection.spectral import (  # noqa: E402
     TapProblem,
     default_ridge,

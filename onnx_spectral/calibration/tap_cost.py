@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 
 from onnx_spectral.analysis import Tap
 from onnx_spectral.calibration.instrument import gram_blocks
+from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.graph.model import GraphIndex
-from onnx_spectral.selection.model_cost import model_cost
 
 _BISECTION_STEPS = 60
 #: Gram multiply-adds per sample always allowed: below this a model is calibrated exactly (1,000
@@ -75,16 +75,18 @@ def _largest_stride(positions: int, channels: int, samples: int | None) -> int:
 
 
 def gram_strides(graph: GraphIndex, taps: Sequence[Tap], budget: float,
-                 samples: int | None = None) -> Mapping[str, int]:
+                 samples: int | None = None, cost: ModelCost | None = None
+                 ) -> Mapping[str, int]:
     """Position stride per tap tensor (only those above 1) for `budget`, as described above.
 
     `budget` <= 0 turns subsampling off. With the number of calibration `samples`, no tap is
     left fewer than `MIN_ROWS_PER_CHANNEL` rows (samples x kept positions) per channel, even if
-    the budget is then exceeded.
+    the budget is then exceeded. `cost`: the model's `model_cost` at the shape it runs at
+    (default: at its declared shapes).
     """
     if budget <= 0.0 or not taps:
         return {}
-    cost = model_cost(graph.model)
+    cost = cost if cost is not None else model_cost(graph.model)
     fixed = 0  # Gram MACs of taps that cannot be strided
     costs = []
     for tap in taps:

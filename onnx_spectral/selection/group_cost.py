@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 
 from onnx_spectral.analysis import Analysis, ChannelGroup
+from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.graph.model import GraphIndex
 from onnx_spectral.ops import linear_layer_for, require_handler
-from onnx_spectral.selection.model_cost import ModelCost, model_cost
 from onnx_spectral.selection.widths import CostModel, CostTerm
 
 

@@ -190,12 +190,27 @@ def _minimum(sizes: np.ndarray, round_to: int, min_keep: int) -> np.ndarray:
     return np.array([round_width(int(m), 0.0, round_to, min_keep) for m in sizes], dtype=np.int64)
 
 
-def _check_budget(cost: CostModel, budget: float, floor: np.ndarray) -> None:
-    if cost(floor) > budget:
-        raise OptionsError(
-            f"the budget keeps {budget / cost.full:.4f} of the cost, but even the narrowest "
-            f"widths allowed (--min-keep/--round-to) keep {cost(floor) / cost.full:.4f}; "
-            "ask for a larger fraction or lower --min-keep")
+def _check_budget(cost: CostModel, budget: float, floor: np.ndarray,
+                  name: str = "the budget") -> None:
+    """Raise OptionsError, saying how close the narrowest widths `floor` get and why, when
+    they cost more than `budget`."""
+    if cost(floor) <= budget:
+        return
+    full = max(cost.full, np.finfo(np.float64).tiny)
+    raise OptionsError(
+        f"{name} {budget / full:.4g} cannot be met: even the narrowest widths allowed "
+        f"(--min-keep/--round-to) keep {cost(floor) / full:.4f} of the cost, and "
+        f"{cost.constant / full:.4f} of it is in layers no prunable channel group changes "
+        "(frozen groups: `onnx-spectral analyze` lists why); ask for a larger fraction or lower "
+        "--min-keep")
+
+
+def check_budget(cost: CostModel, fraction: float, round_to: int = 1, min_keep: int = 1,
+                 name: str = "the budget") -> None:
+    """Raise OptionsError when no widths keep at most `fraction` of ``cost.full`` (`name`:
+    the option, for the message)."""
+    _check(cost.sizes, round_to, min_keep)
+    _check_budget(cost, fraction * cost.full, _minimum(cost.sizes, round_to, min_keep), name)
 
 
 def allocate_uniform(cost: CostModel, budget: float, round_to: int = 1,

@@ -23,12 +23,15 @@ What is counted:
   other operator counts 0: element-wise ops, normalisations, pooling, activations, bias
   additions, and quantized kernels are not counted.
 
-Shapes come from ``graph.normalize`` (constant folding, then ONNX shape inference) on a copy of
-the model in which the leading dimension of every graph input that is symbolic or unknown (the
-batch) is set to 1, and so is every other dimension carrying the same symbol. A fixed leading
-dimension is left as it is (a model exported with a fixed batch of 8 counts 8 samples). A node
-whose MACs depend on any other dimension that inference leaves unknown (say a dynamic image
-size or sequence length) counts 0 and is listed in ``ModelCost.uncounted``.
+The MACs are counted at the shape the model runs at: given the graph inputs' shapes (or arrays,
+samples first), every tensor's shape comes from `graph.shapes.concrete_shapes` (shape inference
+with the inputs fixed, then an ONNX Runtime run for what it cannot tell). Without them the model
+is counted at its declared shapes, with the leading dimension of every graph input that is
+symbolic or unknown (the batch) set to 1, and so every other dimension carrying the same symbol;
+a fixed leading dimension is left as it is (a model exported with a fixed batch of 8 counts 8
+samples). A node whose MACs then depend on a dimension that inference leaves unknown (a dynamic
+image size or sequence length) counts 0 and is listed in ``ModelCost.uncounted``: such a count
+is a lower bound, and `ModelCost.complete` says so.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnx_spectral.graph.model import normalize
+from onnx_spectral.graph.shapes import Feeds, InputShapes, concrete_shapes
 from onnx_spectral.ops import linear_layer_for
 from onnx_spectral.ops.linear_layer import Shape
 
@@ -57,25 +61,69 @@ class ModelCost:
             made unique; ``"<op_type>_<index>"`` for a node without one).
         uncounted: names (as in ``macs_by_node``) of those nodes whose shapes are not static
             after fixing the batch to 1; each counts 0.
+        input_shapes: the graph inputs' shapes the MACs are counted at; None when counted at
+            the declared shapes with the batch set to 1.
+        symbolic_inputs: without `input_shapes`, the graph inputs with a dimension other than
+            the batch that is not static, with their declared dims (None for an unknown one).
     """
 
     params: int
     macs: int
     macs_by_node: Mapping[str, int]
     uncounted: tuple[str, ...] = field(default=())
+    input_shapes: Mapping[str, Shape] | None = None
+    symbolic_inputs: Mapping[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every linear layer is counted (`macs` is not a lower bound)."""
+        return not self.uncounted
+
+    def shape_text(self) -> str:
+        """The input shapes the MACs are for, in words: "x [1, 3, 48, 192]", or "the declared
+        input shapes, batch 1"."""
+        if self.input_shapes is None:
+            return "the declared input shapes, batch 1"
+        return ", ".join(f"{name} [{', '.join(map(str, shape))}]"
+                         for name, shape in self.input_shapes.items())
+
+    def missing_shape_text(self) -> str:
+        """Why the MACs are incomplete and what would complete them ("" when complete)."""
+        if self.complete:
+            return ""
+        shown = ", ".join(f"{name} [{', '.join('?' if d is None else str(d) for d in dims)}]"
+                          for name, dims in self.symbolic_inputs.items())
+        example = next(iter(self.symbolic_inputs), "NAME")
+        where = (f" inputs with symbolic dims: {shown};" if shown else "")
+        return (f"{len(self.uncounted)} of {len(self.macs_by_node)} linear layers depend on "
+                f"dims the model does not fix ({where} the MACs need a shape): give "
+                f"--input-shape {example}:1,... (input_shape= in Python), or calibration data")
 
 
-def model_cost(model: onnx.ModelProto) -> ModelCost:
-    """Count the parameters and the per-sample MACs of ``model`` (see the module docstring).
+def model_cost(model: onnx.ModelProto, inputs: Feeds | InputShapes | None = None
+               ) -> ModelCost:
+    """Count the parameters and the MACs of ``model`` (see the module docstring).
 
+    `inputs`: each graph input's full shape (samples first, e.g. ``{"x": (1, 3, 48, 192)}``)
+    or an array of that shape, to count the MACs at; None: the declared shapes, batch 1.
     The model is not modified.
 
     Raises:
         ModelError: the model has no default-domain opset or ONNX shape inference fails on it
             (from ``graph.normalize``).
+        DataError: `inputs` does not fit the model's inputs (from `concrete_shapes`).
     """
-    graph = _normalized_batch_one(model).graph
-    shapes = _static_shapes(graph)
+    if inputs is None:
+        graph = _normalized_batch_one(model).graph
+        shapes = _static_shapes(graph)
+        input_shapes = None
+    else:
+        normalized = normalize(model)
+        graph = normalized.graph
+        shapes = concrete_shapes(normalized, inputs)
+        input_shapes = {name: tuple(int(d) for d in (value if isinstance(value, tuple)
+                                                      else value.shape))
+                        for name, value in inputs.items()}
     macs_by_node: dict[str, int] = {}
     uncounted: list[str] = []
     for node in graph.node:
@@ -92,7 +140,23 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
         macs=sum(macs_by_node.values()),
         macs_by_node=macs_by_node,
         uncounted=tuple(uncounted),
+        input_shapes=input_shapes,
+        symbolic_inputs={} if inputs is not None else _symbolic_inputs(model.graph),
     )
+
+
+def _symbolic_inputs(graph: onnx.GraphProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Graph inputs with a non-static dimension past the leading one: their declared dims."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    found = {}
+    for value in graph.input:
+        if value.name in initializers or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in value.type.tensor_type.shape.dim)
+        if any(not isinstance(d, int) for d in dims[1:]):
+            found[value.name] = dims
+    return found
 
 
 def _is_float(data_type: int) -> bool:
