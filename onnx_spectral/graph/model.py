@@ -95,15 +95,16 @@ def normalize(model: onnx.ModelProto, initializer_inputs: InitializerInputs = "c
     """Copy of `model` with named nodes, constants folded into initializers and shapes inferred.
 
     `initializer_inputs="constant"` removes the graph.input entries of initializers (they are
-    weights; the IR version is raised to 4, the first that allows an initializer outside
-    graph.input), so the copy and every model rewritten from it hold them as plain constants.
-    The caller's model is not modified.
+    weights), so the copy and every model rewritten from it hold them as plain constants. The
+    IR version is raised to 4 at least, the first that allows an initializer outside
+    graph.input (folded constants are such initializers). The caller's model is not modified.
     """
     if initializer_inputs not in INITIALIZER_INPUTS:
         raise ModelError(f"initializer_inputs={initializer_inputs!r}; accepted: "
                          f"{', '.join(INITIALIZER_INPUTS)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    work.ir_version = max(work.ir_version, 4)
     if initializer_inputs == "constant":
         _unlist_initializer_inputs(work)
     _name_nodes(work.graph)
@@ -138,7 +139,6 @@ def _unlist_initializer_inputs(model: onnx.ModelProto) -> None:
     kept = [value for value in model.graph.input if value.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(kept)
-    model.ir_version = max(model.ir_version, 4)
 
 
 def _dynamic_negative_dims(graph: onnx.GraphProto) -> None:
@@ -150,12 +150,24 @@ def _dynamic_negative_dims(graph: onnx.GraphProto) -> None:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop stale value_info and rerun strict ONNX shape inference with data propagation."""
+    """Drop stale value_info and rerun strict ONNX shape inference with data propagation.
+
+    The graph outputs keep their declared types (the interface); where inference tells more
+    about an output, that goes to value_info.
+    """
     del model.graph.value_info[:]
+    declared = [onnx.ValueInfoProto() for _ in model.graph.output]
+    for copy, value in zip(declared, model.graph.output, strict=True):
+        copy.CopyFrom(value)
     try:
-        return external_tensors.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = external_tensors.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
+    for value, before in zip(inferred.graph.output, declared, strict=True):
+        if value != before:
+            inferred.graph.value_info.append(value)
+            value.CopyFrom(before)
+    return inferred
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -317,7 +329,7 @@ class GraphIndex:
             for name in outer_scope_names(node):
                 self.consumers.setdefault(name, []).append((node, IMPLICIT_POSITION))
         self.shapes = {}
-        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
             dims = tensor_dims(value)
             if dims is not None:
                 self.shapes[value.name] = dims
