@@ -138,8 +138,9 @@ def se_gate(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
     s.tensor = b.node("Mul", [s.tensor, gate], s.name("gate"))
 
 
-def _channel_axis(draw: st.DrawFn) -> int:
-    return draw(st.sampled_from([1, -3]))
+def _channel_axis(draw: st.DrawFn, b: GraphBuilder) -> int:
+    """1, or -3 where the opset allows negative axes (11 on, for Concat and Split)."""
+    return draw(st.sampled_from([1, -3] if b.opset >= 11 else [1]))
 
 
 def concat(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
@@ -150,7 +151,7 @@ def concat(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
     widths = [s.channels if index == dense else draw(WIDTHS) for index in range(count)]
     parts = [s.tensor if index == dense else _conv(b, s, s.tensor, s.channels, width)
              for index, width in enumerate(widths)]
-    s.tensor = b.node("Concat", parts, s.name("concat"), axis=_channel_axis(draw))
+    s.tensor = b.node("Concat", parts, s.name("concat"), axis=_channel_axis(draw, b))
     s.channels = sum(widths)
 
 
@@ -182,7 +183,7 @@ def split(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
         return conv(draw, b, s)
     sizes, form = _split_sizes(draw, b, s.channels)
     name = s.name("split")
-    attrs: dict[str, object] = {"axis": _channel_axis(draw)}
+    attrs: dict[str, object] = {"axis": _channel_axis(draw, b)}
     inputs = [s.tensor]
     if form == "sizes" and b.opset >= 13:
         inputs.append(b.const(f"{name}_sizes", np.array(sizes, dtype=np.int64)))

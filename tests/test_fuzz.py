@@ -129,17 +129,23 @@ def _check_refusal(model: onnx.ModelProto, error: SpectralError, options: dict[s
     assert quoted & _names(model), f"the refusal names no node or tensor: {message}"
 
 
+Outcome = tuple[onnx.ModelProto, Report] | SpectralError
+"""What `compress` returned, or the clear onnx_spectral error it refused with."""
+
+
 def _compress(model: onnx.ModelProto, calibration: dict[str, np.ndarray], **options: Any
-              ) -> tuple[onnx.ModelProto, Report] | None:
-    """`compress`, or None when it refused with a clear onnx_spectral error."""
+              ) -> Outcome:
     try:
         return compress(model, calibration, **options, **FAST)
     except SpectralError as error:
         _check_refusal(model, error, options)
-        return None
+        return error
 
 
 def _check_groups(report: Report, options: dict[str, Any]) -> None:
+    """Each group pruned to its width or frozen with a reason; no cost grows."""
+    assert report.cost_after.params <= report.cost_before.params, report.cost_after
+    assert report.cost_after.macs <= report.cost_before.macs, report.cost_after
     pruned = sum(not group.frozen for group in report.groups)
     event(f"groups pruned: {min(pruned, 3)}{'+' if pruned >= 3 else ''}")
     event(f"groups frozen: {min(len(report.groups) - pruned, 3)}")
@@ -176,8 +182,8 @@ def _groups(report: Report, widths: bool) -> list[tuple[Any, ...]]:
             + ((group.kept,) if widths else ()) for group in report.groups]
 
 
-def _check_same_groups(result: tuple[onnx.ModelProto, Report] | None, model: onnx.ModelProto,
-                       options: dict[str, Any]) -> None:
+def _check_same_groups(result: Outcome, model: onnx.ModelProto, options: dict[str, Any]
+                       ) -> None:
     """The IR-3 convention, Constant nodes and float16 change no group (nor, under `ratio`,
     its width): `result` for `model` is what its `canonical` form gives."""
     plain = canonical(model)
@@ -185,14 +191,19 @@ def _check_same_groups(result: tuple[onnx.ModelProto, Report] | None, model: onn
         return
     expected = _compress(plain, _inputs(plain, 20, seed=1), **options)
     variant = model.doc_string.split(";")[0]
-    assert (result is None) == (expected is None), (
-        f"{'refused' if result is None else 'accepted'}, while its canonical form (float32, "
-        f"initializers, current IR) is {'refused' if expected is None else 'accepted'}\n"
-        f"{variant}")
-    if result is not None and expected is not None:
+    assert isinstance(result, SpectralError) == isinstance(expected, SpectralError), (
+        f"{_outcome(result)}, while its canonical form (float32, initializers, current IR) is "
+        f"{_outcome(expected)}\n{variant}")
+    if not isinstance(result, SpectralError) and not isinstance(expected, SpectralError):
         widths = "ratio" in options and not _half(model)
         assert _groups(result[1], widths) == _groups(expected[1], widths), (
             f"the groups differ from its canonical form's\n{variant}")
+
+
+def _outcome(outcome: Outcome) -> str:
+    if isinstance(outcome, SpectralError):
+        return f"refused ({type(outcome).__name__}: {outcome})"
+    return "accepted"
 
 
 def _spatial(match: re.Match[str]) -> str:
@@ -209,7 +220,7 @@ def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
 
     result = _compress(model, calibration, **options)
     _check_same_groups(result, model, options)
-    if result is not None:
+    if not isinstance(result, SpectralError):
         compressed, report = result
         _check_groups(report, options)
         if "ratio" not in options:
@@ -224,7 +235,7 @@ def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
             assert np.isfinite(got[name]).all(), name
 
     result = _compress(model, calibration, ratio=1.0, ridge=1e-9)
-    if result is None:
+    if isinstance(result, SpectralError):
         return
     whole, report = result
     assert all(group.kept == group.channels for group in report.groups)
