@@ -185,10 +185,12 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
             ) -> Prepared:
     """Analyze `original` and open its data (and saved statistics, checked against it).
 
-    Raises UnsupportedGraphError when `require_prunable` and no group can be pruned.
+    Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
+    budget, `budget_costs` does).
     """
     analysis = analyze(original, options.exclude)
-    if options.require_prunable and not analysis.prunable:
+    if options.require_prunable and not analysis.prunable \
+            and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
         raise UnsupportedGraphError(_nothing_prunable(analysis))
     specs = model_input_specs(analysis.graph.model)
     saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
@@ -283,9 +285,13 @@ def budget_costs(prepared: Prepared, options: CompressOptions) -> GroupCosts | N
     if (cost.macs if flops else cost.params) <= 0:
         raise OptionsError(f"{name} {fraction}: the model has no {what} to keep a share of "
                            "(no Conv/Gemm/MatMul layer or floating-point weight is counted)")
-    if fraction < 1.0 and not prepared.analysis.prunable:
-        raise UnsupportedGraphError(f"{name} {fraction} cannot be met: the model keeps 100% of "
-                                    f"its {what}; {_nothing_prunable(prepared.analysis)}")
+    if not prepared.analysis.prunable and fraction == 1.0 and options.require_prunable:
+        raise UnsupportedGraphError(_nothing_prunable(prepared.analysis))
+    if not prepared.analysis.prunable and fraction < 1.0:
+        raise UnsupportedGraphError(
+            f"{name} {fraction} cannot be met: the model keeps 100% of its {what}; "
+            + _nothing_prunable(prepared.analysis, "--ratio 1 with --allow-unchanged writes "
+                                "it unchanged"))
     costs = group_costs(prepared.analysis, cost)
     check_budget(costs.macs if flops else costs.params, fraction, plan_options.round_to,
                  plan_options.min_keep, name)
@@ -432,12 +438,13 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
     )
 
 
-def _nothing_prunable(analysis: Analysis) -> str:
+def _nothing_prunable(analysis: Analysis,
+                      remedy: str = "--allow-unchanged writes the model anyway") -> str:
     reasons = sorted({reason for group in analysis.groups for reason in group.frozen})
     shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
     return (f"no channel group of the model can be pruned ({len(analysis.groups)} groups, all "
             f"frozen: {shown or 'the model has no Conv/Gemm/MatMul producer'}); "
-            "`onnx-spectral analyze` lists why, --allow-unchanged writes the model anyway")
+            f"`onnx-spectral analyze` lists why, {remedy}")
 
 
 def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:
