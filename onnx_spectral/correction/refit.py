@@ -4,8 +4,8 @@ Sequential compensation reconstructs a sink's input channels one position at a t
 (``W' = W A``). A refit goes further for the layers downstream of the pruning: each linear layer
 whose handler allows it (`LinearLayer.refit_problem`: a dense 2-D Conv, a Gemm, a MatMul or an
 Einsum by a matrix) and whose input the pruning changed gets new weights (and bias) fitted by
-ridge least squares so that, on the calibration batches, it maps the PRUNED model's input to the ORIGINAL
-model's output of that layer (its kept output channels):
+ridge least squares so that, on the calibration batches, it maps the PRUNED model's input to
+the ORIGINAL model's output of that layer (its kept output channels):
 
     [W' b'] = argmin  sum ||y_orig - W' p_pruned - b'||^2 + lambda ||W' - W_c||^2
 
