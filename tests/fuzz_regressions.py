@@ -113,14 +113,6 @@ def conv_lstm(op: str = "LSTM") -> onnx.ModelProto:
     return b.model([("x", ["N", 2, 3, 4])], [("rnn_out1", [1, "N", 3])])
 
 
-IR3_CONSTANTS = ("graph/model.py _unlist_initializer_inputs returns before raising "
-                 "ir_version to 4 when no initializer is a graph input, so an IR-3 model with "
-                 "Constant nodes stays IR 3 once they are folded into initializers that are "
-                 "not graph inputs: shape inference then skips them (other symptom: "
-                 "RewriteError, the compressed model fails the checker: 'conv1_w in "
-                 "initializer but not in graph input')")
-
-
 @dataclass(frozen=True)
 class Regression:
     """A fuzzer failure: its graph, the options that failed, and the failure while open."""
@@ -140,22 +132,11 @@ REGRESSIONS = (
                "AssertionError in selection/group_cost.py group_costs (`assert original is not "
                "None`): the Split handler edits a sizes input the Split has not"),
     Regression("ir3_initializer_inputs", ir3_sandwich, {"ratio": 0.5}),
-    Regression("ir3_constant_nodes", lambda: ir3_sandwich(constant_nodes=True), {"ratio": 0.5},
-               "AssertionError in calibration/instrument.py _tap_nodes (`assert rank is not "
-               "None`); " + IR3_CONSTANTS),
-    Regression("ir3_constant_nodes_flatten", ir3_gap_gemm, {"ratio": 0.5},
-               "refused (GraphError from graph/model.py static_shape: node 'flatten', tensor "
-               "'gap': shape inference gives no shape) though the same model at the current "
-               "IR is accepted; " + IR3_CONSTANTS),
+    Regression("ir3_constant_nodes", lambda: ir3_sandwich(constant_nodes=True), {"ratio": 0.5}),
+    Regression("ir3_constant_nodes_flatten", ir3_gap_gemm, {"ratio": 0.5}),
     Regression("flops_symbolic_spatial", concat_symbolic_spatial,
-               {"flops": 0.5, "allocation": "greedy"},
-               "--flops on a model whose Conv MACs cannot be counted (symbolic H, W: "
-               "ModelCost.uncounted) prunes with no warning that the budget covers only the "
-               "counted MACs (here none)"),
-    Regression("unknown_output_dim", unknown_height, {"ratio": 0.5},
-               "the compressed model declares its output [N, 2, 'unk__1', 5]: an unknown dim "
-               "of a graph output becomes the symbol shape inference invented "
-               "(graph/model.py infer_shapes, kept by rewrite.py)"),
+               {"flops": 0.5, "allocation": "greedy"}),
+    Regression("unknown_output_dim", unknown_height, {"ratio": 0.5}),
     Regression("shapeless_tap", shapeless_concat_se, {"flops": 0.75, "allocation": "uniform"},
                "AssertionError in calibration/instrument.py _tap_nodes (`assert rank is not "
                "None`): tap 'squeeze' has no shape even after the shapes are filled from "
