@@ -79,6 +79,8 @@ class Analysis:
 
     graph: GraphIndex
     groups: tuple[ChannelGroup, ...]
+    kept_layers: tuple[str, ...] = ()
+    """Why linear layers that start no group are kept whole (e.g. a quantized weight)."""
 
     @property
     def prunable(self) -> tuple[ChannelGroup, ...]:
@@ -286,6 +288,7 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = (), *,
         raise OptionsError(f"--exclude names nodes that are not in the model: {unknown}; "
                            "`onnx-spectral analyze` lists the producer node names")
     ctx = _Context(graph)
+    kept_layers: list[str] = []
     for node in graph.nodes:
         _freeze_all(ctx, outer_scope_names(node),
                     f"used inside a subgraph of {node.op_type} node '{node.name}'")
@@ -297,7 +300,9 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = (), *,
             if overridden:
                 _freeze_all(ctx, [*node.input, *node.output], _overridable_reason(node, overridden))
             continue
-        if barrier is None and node.op_type in _QUANTIZATION_OPS:
+        if barrier is not None:
+            kept_layers.append(barrier)
+        elif node.op_type in _QUANTIZATION_OPS:
             barrier = f"quantized: {node.op_type} node '{node.name}' reads it"
         _freeze_all(ctx, node.input, barrier or f"read by {node.op_type} node '{node.name}', an "
                                                 "op onnx-spectral has no handler for")
@@ -308,7 +313,7 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = (), *,
     for group in ctx.groups():
         for producer in excluded.intersection(group.producers):
             ctx.freeze(group.id, f"producer '{producer}' excluded by the user")
-    return Analysis(graph, ctx.groups())
+    return Analysis(graph, ctx.groups(), tuple(kept_layers))
 
 
 def _freeze_all(ctx: _Context, tensors: Iterable[str], reason: str) -> None:

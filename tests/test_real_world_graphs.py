@@ -272,6 +272,9 @@ def test_quantized_weight_freezes_the_group_it_reads() -> None:
         "(quantized layers are kept whole)",)
     with pytest.raises(UnsupportedGraphError, match="is quantized: DequantizeLinear"):
         compress(model, _x(), require_prunable=True, **FAST)
+    assert analysis.kept_layers == (
+        "weight 'dq_w' of Conv node 'conv1' is quantized: DequantizeLinear node 'dq_w' "
+        "(quantized layers are kept whole)",)
 
 
 def test_quantized_activation_freezes_the_group_it_reads() -> None:
