@@ -24,6 +24,8 @@ class OutputAgreement:
     `relative_error`: ||y' - y|| / ||y|| over all held-out samples. `cosine`: mean over samples
     of the cosine similarity of the flattened outputs. `top1_agreement`: share of samples whose
     argmax over the last axis is the same (None for outputs with a last axis of size 1).
+    Outputs that are not numbers (booleans, labels as strings) compare by equality: the error is the
+    share of differing elements, the cosine the share of equal ones.
     """
 
     name: str
@@ -52,11 +54,15 @@ def _run_all(model: onnx.ModelProto, batches: Sequence[FeedDict], provider: Prov
         kind = ModelError if role == "input" else RewriteError
         raise kind(f"ONNX Runtime cannot run the {role} model on held-out samples: {exc}"
                    ) from exc
-    return [np.concatenate([np.asarray(result[i]) for result in per_batch])
-            for i in range(len(names))]
+    return [np.concatenate([np.atleast_1d(np.asarray(result[i])) for result in per_batch])
+            for i in range(len(names))]  # a scalar output gives one value per batch
 
 
 def _agreement(name: str, original: np.ndarray, compressed: np.ndarray) -> OutputAgreement:
+    if original.dtype == np.bool_ or not np.issubdtype(original.dtype, np.number):
+        equal = float(np.mean(original == compressed)) if original.shape == compressed.shape \
+            else 0.0
+        return OutputAgreement(name, 1.0 - equal, equal, None)
     reference = original.astype(np.float64)
     candidate = compressed.astype(np.float64)
     error = float(np.linalg.norm(candidate - reference) /
