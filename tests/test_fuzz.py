@@ -157,6 +157,18 @@ def _check_groups(report: Report, options: dict[str, Any]) -> None:
         assert 1 <= group.kept <= group.channels, group
 
 
+def _check_widths(compressed: onnx.ModelProto, report: Report) -> None:
+    """Each Conv that alone produces a group has as many filters as the report says it kept."""
+    nodes = {node.name: node for node in compressed.graph.node}
+    weights = {tensor.name: tensor for tensor in compressed.graph.initializer}
+    for group in report.groups:
+        node = nodes.get(group.producers[0]) if len(group.producers) == 1 else None
+        if node is not None and node.op_type == "Conv" and node.input[1] in weights:
+            assert weights[node.input[1]].dims[0] == group.kept, (
+                f"Conv '{node.name}' has {weights[node.input[1]].dims[0]} filters, the report "
+                f"says {group.kept} kept")
+
+
 def _check_budget(report: Report, options: dict[str, Any]) -> None:
     """Cost after <= fraction * cost before, when something was pruned; else a warning."""
     kind = "flops" if "flops" in options else "params"
@@ -223,6 +235,7 @@ def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
     if not isinstance(result, SpectralError):
         compressed, report = result
         _check_groups(report, options)
+        _check_widths(compressed, report)
         if "ratio" not in options:
             _check_budget(report, options)
         onnx.checker.check_model(compressed, full_check=True)
@@ -268,4 +281,11 @@ def test_random_graphs(case: tuple[onnx.ModelProto, dict[str, Any]]) -> None:
     for item in REGRESSIONS])
 def test_regression(regression: Regression) -> None:
     """The smallest graphs of the failures the fuzzer found (tests/fuzz_regressions.py)."""
-    check_case(regression.build(), regression.options)
+    model = regression.build()
+    check_case(model, regression.options)
+    if regression.same_groups_as is not None:
+        other = regression.same_groups_as()
+        got, want = (_compress(graph, _inputs(graph, 20, seed=1), **regression.options)
+                     for graph in (model, other))
+        assert not isinstance(got, SpectralError) and not isinstance(want, SpectralError)
+        assert _groups(got[1], widths=True) == _groups(want[1], widths=True)
