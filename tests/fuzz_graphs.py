@@ -436,6 +436,18 @@ def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
     return plain
 
 
+def unnamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose graph inputs and outputs have their symbolic dims other than the
+    batch 'N' unknown (no dim_param)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in [*copy.graph.input, *copy.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param != "N":
+                dim.ClearField("dim_param")
+    return copy
+
+
 @st.composite
 def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
                ) -> onnx.ModelProto:
