@@ -160,7 +160,7 @@ def shared_stages(task: Task) -> Stages:
     prepared = prepare(load_model(task.model), task.calibration, options)
     calibrated = shared_statistics(prepared, options, keep_batches=True)
     calibrated_at = time.perf_counter()
-    cost = model_cost(prepared.original)
+    cost = prepared.cost  # at the shape the model runs at, as compress counts
     return Stages(prepared, calibrated, group_costs(prepared.analysis, cost), options, cost.macs,
                   {"calibration": calibrated_at - start})
 
@@ -173,7 +173,7 @@ def compress_with(stages: Stages, flops: float, settings: dict[str, Any]
     planned = plan(stages.prepared, stages.calibrated, options, corrections, stages.costs)
     model = rewrite_model(stages.prepared, planned)
     model, _ = correct(stages.prepared, model, planned, stages.calibrated, options, corrections)
-    return model, model_cost(model).macs / stages.macs
+    return model, model_cost(model, stages.prepared.cost.input_shapes).macs / stages.macs
 
 
 def bench(name: str, budgets: list[float], methods: list[str],

@@ -92,7 +92,8 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
         for key, shape in _probe(graph, group).items():
             node = graph.nodes_by_name[key[0]]
             original = graph.input_constant(node, key[1])
-            assert original is not None
+            if original is None:  # an input the rewrite adds (an equal Split's sizes): no cost
+                continue
             if key not in shrink:
                 shrink[key] = np.zeros((original.ndim, len(groups)))
             if len(shape) == original.ndim:
