@@ -47,7 +47,7 @@ from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
-from onnx_spectral.graph.model import load_model
+from onnx_spectral.graph.model import initializer_inputs_note, load_model
 from onnx_spectral.graph.shapes import Feeds, InputShapes
 from onnx_spectral.options import CompressOptions, with_overrides
 from onnx_spectral.report import Report, group_reports
@@ -188,18 +188,22 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
     budget, `budget_costs` does).
     """
-    analysis = analyze(original, options.exclude)
-    if options.require_prunable and not analysis.prunable \
-            and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
-        raise UnsupportedGraphError(_nothing_prunable(analysis))
-    specs = model_input_specs(analysis.graph.model)
-    saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
+    specs = model_input_specs(original)  # initializers listed as inputs are not data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = (None if calibration_data is None
                   else open_calibration(calibration_data, specs, preprocess=options.preprocess,
                                         seed=options.seed))
+    analysis = analyze(original, options.exclude, initializer_inputs=options.initializer_inputs,
+                       shape_feeds=None if stream is None else stream.peek)
+    if options.require_prunable and not analysis.prunable \
+            and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
+        raise UnsupportedGraphError(_nothing_prunable(analysis))
+    saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
     notes = [str(warning.message) for warning in caught]
+    initializers_note = initializer_inputs_note(original, options.initializer_inputs)
+    if initializers_note is not None:
+        notes.append(initializers_note)
     if saved is not None:
         notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     batch = fixed_batch_size(specs) or options.batch_size
@@ -440,7 +444,8 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
 
 def _nothing_prunable(analysis: Analysis,
                       remedy: str = "--allow-unchanged writes the model anyway") -> str:
-    reasons = sorted({reason for group in analysis.groups for reason in group.frozen})
+    reasons = (sorted({reason for group in analysis.groups for reason in group.frozen})
+               or list(analysis.kept_layers))
     shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
     return (f"no channel group of the model can be pruned ({len(analysis.groups)} groups, all "
             f"frozen: {shown or 'the model has no Conv/Gemm/MatMul producer'}); "

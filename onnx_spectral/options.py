@@ -20,6 +20,7 @@ from typing import Any, Literal
 from onnx_spectral.calibration.sources import Preprocess
 from onnx_spectral.correction.refit import MAX_FEATURES
 from onnx_spectral.errors import OptionsError
+from onnx_spectral.graph.model import InitializerInputs
 from onnx_spectral.graph.sessions import Provider
 from onnx_spectral.selection.plan import PlanOptions, Selection
 from onnx_spectral.selection.widths import Allocation
@@ -156,6 +157,10 @@ class CompressOptions:
     exclude: tuple[str, ...] = option((), "producer nodes whose channel groups stay whole",
                                       many=True, metavar="NODE")
     seed: int = option(0, "seed of 'random' calibration data and of random selection")
+    initializer_inputs: InitializerInputs = option(
+        "constant", "initializers also listed as graph inputs (the IR-3 convention of older "
+        "exporters): 'constant' treats them as weights (the output lists them as initializers "
+        "only); 'input' keeps them overridable and leaves the layers that read them whole")
     round_to: int = option(0, "round kept widths up to a multiple of this; 0: 8 for widths of "
                            "32 or more in groups of 64 channels or more, else 1 (ONNX Runtime's "
                            "CPU convolutions run faster on multiples of 8)",

@@ -77,7 +77,8 @@ def test_ir3_model_compresses_to_a_valid_model_with_the_same_outputs_at_full_wid
     assert [value.name for value in compressed.graph.input] == ["x"]
     feeds = {"x": _x(2, seed=1)["x"]}
     np.testing.assert_allclose(_run(compressed, feeds)[0], _run(model, feeds)[0], atol=1e-4)
-    smaller, _ = compress(model, _x(), ratio=0.5, **FAST)
+    smaller, report = compress(model, _x(), ratio=0.5, **FAST)
+    assert any("treated as constants" in note for note in report.warnings)
     weights = {t.name: t.dims for t in smaller.graph.initializer}
     conv1 = next(node for node in smaller.graph.node if node.name == "conv1")
     assert list(weights[conv1.input[1]])[0] == 4  # ceil(0.5 * 7)
@@ -95,6 +96,9 @@ def test_ir3_initializer_inputs_kept_as_inputs_freeze_their_groups() -> None:
     assert "may override" in str(initializer_inputs_note(model, "input"))
     stream = open_calibration(_x(4), model_input_specs(model))
     assert list(next(stream.take(4, 4))) == ["x"]
+    with pytest.raises(UnsupportedGraphError, match="may override"):
+        compress(model, _x(), ratio=0.5, initializer_inputs="input", require_prunable=True,
+                 **FAST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +152,14 @@ def test_analysis_with_shape_feeds_prunes_through_the_lost_shape() -> None:
     assert _group_of(analysis.groups, "conv_a").prunable
     assert _group_of(analysis.groups, "conv_a") == _group_of(analysis.groups, "conv_b")
     analyze(conv_sandwich(), shape_feeds=lambda: pytest.fail("no shape was missing"))
+
+
+def test_compress_fills_lost_shapes_from_the_calibration_data() -> None:
+    model = _lost_shape_model()
+    compressed, report = compress(model, _x(), ratio=0.5, **FAST)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert any(group.kept < group.channels for group in report.groups)
+    assert _run(compressed, _x(2, seed=1))[0].shape == _run(model, _x(2, seed=1))[0].shape
 
 
 def test_peek_gives_the_first_samples_without_consuming_them() -> None:
