@@ -255,7 +255,6 @@ def _sequence(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, int | st
     (ONNX Runtime's CPU recurrent kernels refuse layout 1, batch first.)
     """
     height, width = s.spatial
-    static = isinstance(height, int) and isinstance(width, int)
     kind = draw(st.sampled_from(["positions", "columns", "pooled"]))
     if kind == "pooled":
         name = s.name("reducemean")
@@ -276,8 +275,8 @@ def _sequence(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, int | st
     channels = draw(st.sampled_from([0, s.channels]))
     shape = b.const(f"{name}_shape", np.array([0, channels, -1], dtype=np.int64))
     flat = b.node("Reshape", [s.tensor, shape], name)
-    length: int | str = int(height) * int(width) if static else "S"
-    return b.node("Transpose", [flat], s.name("transpose"), perm=[2, 0, 1]), length, s.channels
+    steps = height * width if isinstance(height, int) and isinstance(width, int) else "S"
+    return b.node("Transpose", [flat], s.name("transpose"), perm=[2, 0, 1]), steps, s.channels
 
 
 def _rnn(draw: st.DrawFn, b: GraphBuilder, s: State, sequence: str, features: int
@@ -473,7 +472,8 @@ def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
     head = draw(st.sampled_from(sorted(HEADS)))
     output = HEADS[head](draw, b, s)
     outputs = [output, *[item for item in s.outputs if item[0] != output[0]]]
-    model = b.model([("x", ["N", in_channels, *spatial])], outputs)
+    model = b.model([("x", ["N", in_channels, *spatial])],  # type: ignore[list-item]
+                    outputs)  # type: ignore[arg-type]
     model.doc_string = (f"{variant}; input [N, {in_channels}, {spatial[0]}, {spatial[1]}]; "
                         f"blocks {blocks}; head {head} -> {output[0]} {output[1]}")
     return apply_variant(model, variant)

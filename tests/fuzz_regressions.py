@@ -112,8 +112,9 @@ def side_concat_gru(width: int | str | None) -> onnx.ModelProto:
     b.node("GRU", [sequence, b.random("W", (1, 9, 7), fan_in=7),
                    b.random("R", (1, 9, 3), fan_in=3), b.random("B", (1, 18))],
            "gru", outputs=2, hidden_size=3)
-    dims: list[Any] = ["N", 3, 6, width]
-    return b.model([("x", ["N", 2, 6, width])], [("gru_out1", [1, "N", 3]), ("conv1", dims)])
+    dims: list[Any] = ["N", 3, 6, width]  # GraphBuilder.model also takes None: unknown
+    return b.model([("x", ["N", 2, 6, *dims[3:]])], [("gru_out1", [1, "N", 3]),
+                                                     ("conv1", dims)])
 
 
 def conv_lstm(op: str = "LSTM") -> onnx.ModelProto:

@@ -52,7 +52,8 @@ from tests.fuzz_graphs import canonical, cnn_graphs, unnamed
 from tests.fuzz_regressions import REGRESSIONS, Regression
 
 EXAMPLES = int(os.environ.get("ONNX_SPECTRAL_FUZZ_EXAMPLES", "200"))
-FAST = {"provider": "cpu", "calib_samples": 16, "verify_samples": 4, "batch_size": 8}
+FAST: dict[str, Any] = {"provider": "cpu", "calib_samples": 16, "verify_samples": 4,
+                        "batch_size": 8}
 FRACTIONS = st.sampled_from([0.25, 0.5, 0.75])
 BUDGETS = st.sampled_from([0.25, 0.5, 0.75, 0.9])
 """Budget fractions: small graphs often cannot go below 0.5 (frozen groups), hence 0.9."""
