@@ -23,11 +23,11 @@ import onnx
 
 from onnx_spectral.analysis import Analysis, Tap, analyze
 from onnx_spectral.calibration.collect import Statistics, calibrate
+from onnx_spectral.calibration.deployment import deployment_inputs
 from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
-    InputSpec,
     SampleStream,
     fixed_batch_size,
     model_input_specs,
@@ -48,20 +48,15 @@ from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import initializer_inputs_note, load_model
-from onnx_spectral.graph.shapes import Feeds, InputShapes
 from onnx_spectral.options import CompressOptions, with_overrides
 from onnx_spectral.report import Report, group_reports
 from onnx_spectral.rewrite import rewrite
-from onnx_spectral.selection.group_cost import GroupCosts, group_costs
+from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
+from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
-from onnx_spectral.selection.widths import check_budget
 from onnx_spectral.verify import Verification, compare_models, reconstruction_error
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
-
-BUDGET_TOLERANCE = 0.005
-"""Share of the full cost by which a compressed model may exceed its flops/params budget."""
-
 
 @dataclass(frozen=True)
 class Prepared:
@@ -157,7 +152,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         original = load_model(model)
     with clock("analyze"):
         prepared = prepare(original, calibration_data, options, statistics)
-        costs = budget_costs(prepared, options)
+        costs = budget_costs(prepared.analysis, prepared.cost, options.plan_options(),
+                             options.require_prunable)
     corrections = decide_corrections(prepared, options)
     with clock("calibrate"):
         calibrated = shared_statistics(prepared, options, corrections.need_batches)
@@ -174,7 +170,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         verified = verify(prepared, compressed, calibrated, planned, options)
     notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
     cost_after = model_cost(compressed, cost_before.input_shapes)
-    check_budget_met(cost_before, cost_after, options)
+    check_budget_met(cost_before, cost_after, options.flops, options.params)
     report = build_report(prepared, calibrated, planned, verified, cost_before,
                           cost_after, options, clock.seconds, notes)
     return compressed, report
@@ -198,7 +194,7 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
                        shape_feeds=None if stream is None else stream.peek)
     if options.require_prunable and not analysis.prunable \
             and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
-        raise UnsupportedGraphError(_nothing_prunable(analysis))
+        raise UnsupportedGraphError(nothing_prunable(analysis))
     saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
     notes = [str(warning.message) for warning in caught]
     initializers_note = initializer_inputs_note(original, options.initializer_inputs)
@@ -207,113 +203,8 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     if saved is not None:
         notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     batch = fixed_batch_size(specs) or options.batch_size
-    cost = model_cost(analysis.graph.model, deployment_inputs(specs, options, stream))
+    cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
     return Prepared(original, analysis, stream, saved, batch, tuple(notes), cost)
-
-
-def deployment_inputs(specs: Sequence[InputSpec], options: CompressOptions,
-                      stream: SampleStream | None) -> Feeds | InputShapes | None:
-    """What the MACs are counted at: the `input_shape` option's shapes, completed from one
-    sample (one batch for a fixed batch size) of the calibration data; or that sample itself
-    when the option is not given and some input has a dim past the batch the model leaves
-    open; None without either (the declared shapes, batch 1).
-
-    Raises:
-        OptionsError: `input_shape` names an input the model lacks, gives one a rank or a
-            fixed dim other than the model's, or leaves an input out with no data to fill it.
-    """
-    given = _named_input_shapes(specs, options)
-    batch = fixed_batch_size(specs) or 1
-    for spec in specs:  # inputs whose dims past the batch are all fixed need no data
-        if spec.name not in given and all(dim is not None for dim in spec.shape[1:]):
-            given[spec.name] = (batch, *(int(dim) for dim in spec.shape[1:] if dim is not None))
-    missing = [spec.name for spec in specs if spec.name not in given]
-    if not missing:
-        return given
-    if stream is None:
-        if not given:
-            return None
-        raise OptionsError(f"--input-shape gives no shape for the model inputs {missing}; "
-                           "give one for each input (or calibration data)")
-    sample = stream.peek(batch)
-    if not given:
-        return sample
-    return {**given, **{name: tuple(np.shape(sample[name])) for name in missing}}
-
-
-def _named_input_shapes(specs: Sequence[InputSpec], options: CompressOptions
-                        ) -> dict[str, tuple[int, ...]]:
-    """The `input_shape` option by input name, checked against the model's inputs."""
-    names = [spec.name for spec in specs]
-    given = dict(options.input_shape)
-    if "" in given:  # a shape without a name: the single input's
-        if len(specs) != 1:
-            raise OptionsError(f"--input-shape {','.join(map(str, given['']))} has no input "
-                               f"name and the model has {len(specs)} inputs {names}; write "
-                               "NAME:D0,D1,...")
-        given[specs[0].name] = given.pop("")
-    for name, shape in given.items():
-        spec = next((spec for spec in specs if spec.name == name), None)
-        if spec is None:
-            raise OptionsError(f"--input-shape names '{name}', not an input of the model; its "
-                               f"inputs: {names}")
-        if len(shape) != len(spec.shape) or any(
-                dim is not None and dim != size
-                for dim, size in zip(spec.shape, shape, strict=False)):
-            declared = ["?" if dim is None else dim for dim in spec.shape]
-            raise OptionsError(f"--input-shape {name}:{','.join(map(str, shape))} does not fit "
-                               f"the model's input '{name}' {declared} ('?': any size)")
-    return given
-
-
-def budget_costs(prepared: Prepared, options: CompressOptions) -> GroupCosts | None:
-    """The cost model of the group widths under a flops/params budget (None without one),
-    once it is known that the budget can be met: before any calibration.
-
-    Raises:
-        OptionsError: the MACs (under `flops`) are not known at the shape the model runs at,
-            or even the narrowest widths allowed keep more than the budget.
-        UnsupportedGraphError: no channel group is prunable, so no budget below 1 can be met.
-    """
-    plan_options = options.plan_options()
-    if not plan_options.budgeted:
-        return None
-    cost = prepared.cost
-    flops = plan_options.flops is not None
-    name, what = ("--flops", "MACs") if flops else ("--params", "parameters")
-    fraction = plan_options.flops if flops else plan_options.params
-    assert fraction is not None
-    if flops and not cost.complete:
-        raise OptionsError(f"{name} {fraction}: the MACs are not known at the shape the model "
-                           f"runs at: {cost.missing_shape_text()}")
-    if (cost.macs if flops else cost.params) <= 0:
-        raise OptionsError(f"{name} {fraction}: the model has no {what} to keep a share of "
-                           "(no Conv/Gemm/MatMul layer or floating-point weight is counted)")
-    if not prepared.analysis.prunable and fraction == 1.0 and options.require_prunable:
-        raise UnsupportedGraphError(_nothing_prunable(prepared.analysis))
-    if not prepared.analysis.prunable and fraction < 1.0:
-        raise UnsupportedGraphError(
-            f"{name} {fraction} cannot be met: the model keeps 100% of its {what}; "
-            + _nothing_prunable(prepared.analysis, "--ratio 1 with --allow-unchanged writes "
-                                "it unchanged"))
-    costs = group_costs(prepared.analysis, cost)
-    check_budget(costs.macs if flops else costs.params, fraction, plan_options.round_to,
-                 plan_options.min_keep, name)
-    return costs
-
-
-def check_budget_met(before: ModelCost, after: ModelCost, options: CompressOptions) -> None:
-    """Raise OptionsError when the compressed model keeps more than its flops/params budget
-    (beyond `BUDGET_TOLERANCE`), with the figures."""
-    checks = (("--flops", options.flops, before.macs, after.macs,
-               f"MACs at {before.shape_text()}"),
-              ("--params", options.params, before.params, after.params, "parameters"))
-    for name, fraction, full, kept, what in checks:
-        if fraction is not None and full > 0 and kept / full > fraction + BUDGET_TOLERANCE:
-            raise OptionsError(
-                f"{name} {fraction} was not met: the compressed model keeps {kept / full:.4f} "
-                f"({kept:,} of {full:,} {what}); the width allocation's cost model disagrees "
-                "with the rewritten model (please report this)")
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
@@ -440,16 +331,6 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
         seconds=seconds,
         warnings=tuple(notes),
     )
-
-
-def _nothing_prunable(analysis: Analysis,
-                      remedy: str = "--allow-unchanged writes the model anyway") -> str:
-    reasons = (sorted({reason for group in analysis.groups for reason in group.frozen})
-               or list(analysis.kept_layers))
-    shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
-    return (f"no channel group of the model can be pruned ({len(analysis.groups)} groups, all "
-            f"frozen: {shown or 'the model has no Conv/Gemm/MatMul producer'}); "
-            f"`onnx-spectral analyze` lists why, {remedy}")
 
 
 def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:

@@ -22,8 +22,9 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("analysis.py", "cost.py"),
     ("calibration/",),
     ("selection/",),
+    ("rewrite.py",),  # applies plans: compensation rewrites between its passes, refit after
     ("correction/",),
-    ("rewrite.py", "verify.py"),
+    ("verify.py",),
     ("report.py", "plots.py"),
     ("options.py", "api.py", "cli.py", "__init__.py"),
 )
@@ -88,34 +89,9 @@ def _imported(module: Path, source: str | None = None) -> set[Path]:
     return targets
 
 
-# Known violations, each with the fix that removes it. A fixed one makes its case XPASS, which
-# fails (strict): then delete its entry here.
-KNOWN_UPWARD: dict[str, str] = {
-    "correction/compensate.py": (
-        "correction/compensate.py -> rewrite.py (`rewrite` of the plans so far, between "
-        "compensation passes). Fix: `compensated_plans` takes the rewrite as a parameter "
-        "(`rewrite: Callable[[Analysis, Sequence[GroupPlan]], onnx.ModelProto]`) and "
-        "api.plan passes `rewrite`"
-    ),
-}
-KNOWN_LONG: dict[str, str] = {
-    "api.py": (
-        "api.py has 549 lines. Fix: `deployment_inputs`/`_named_input_shapes` (taking the "
-        "`input_shape` pairs, not CompressOptions) move to calibration/inputs.py, and "
-        "`budget_costs`/`check_budget_met`/`BUDGET_TOLERANCE` (taking PlanOptions and the "
-        "Analysis) move to selection/group_cost.py"
-    ),
-}
-
-
-def _cases(known: dict[str, str]) -> list[object]:
-    """One pytest case per module; a known violation is a strict xfail with its fix."""
-    return [
-        pytest.param(module, id=module.as_posix(),
-                     marks=[pytest.mark.xfail(strict=True, reason=known[module.as_posix()])]
-                     if module.as_posix() in known else [])
-        for module in _modules()
-    ]
+def _cases() -> list[object]:
+    """One pytest case per module, named by its path."""
+    return [pytest.param(module, id=module.as_posix()) for module in _modules()]
 
 
 def _upward_imports(module: Path) -> list[str]:
@@ -132,18 +108,13 @@ def test_every_module_has_a_stage() -> None:
         _stage(module)
 
 
-def test_known_violations_name_existing_modules() -> None:
-    names = {module.as_posix() for module in _modules()}
-    assert set(KNOWN_UPWARD) <= names and set(KNOWN_LONG) <= names
-
-
-@pytest.mark.parametrize("module", _cases(KNOWN_UPWARD))
+@pytest.mark.parametrize("module", _cases())
 def test_imports_follow_the_stage_order(module: Path) -> None:
     """`module` (stage n) imports only modules of stages 0..n."""
     assert _upward_imports(module) == [], f"{module.as_posix()} is in stage {_stage(module)}"
 
 
-@pytest.mark.parametrize("module", _cases(KNOWN_LONG))
+@pytest.mark.parametrize("module", _cases())
 def test_no_module_is_too_long(module: Path) -> None:
     lines = len((ROOT / module).read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module.as_posix()} has {lines} lines"
