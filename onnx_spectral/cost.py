@@ -44,6 +44,7 @@ import onnx
 
 from onnx_spectral.graph.model import normalize
 from onnx_spectral.graph.shapes import Feeds, InputShapes, concrete_shapes
+from onnx_spectral.graph.subgraphs import subgraphs
 from onnx_spectral.ops import linear_layer_for
 from onnx_spectral.ops.linear_layer import Shape
 
@@ -165,19 +166,11 @@ def _is_float(data_type: int) -> bool:
     return name.startswith(("FLOAT", "DOUBLE", "BFLOAT"))
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
-
-
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Nodes of ``graph`` and, recursively, of its subgraphs."""
     for node in graph.node:
         yield node
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             yield from _all_nodes(subgraph)
 
 
@@ -185,7 +178,7 @@ def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Initializers of ``graph`` and of its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             yield from _all_initializers(subgraph)
 
 
