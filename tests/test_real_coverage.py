@@ -1,5 +1,7 @@
 """Acceptance of issue 3 on real graphs: the onnx package's model-zoo topologies with seeded
-random weights, the PP-OCR text-orientation classifier and a seeded BERT-like encoder.
+random weights, the PP-OCR text-orientation classifier, a seeded BERT-like encoder, and a few
+cheap models of the corpus (models/corpus.py) either compressed into valid models or refused
+with an error that names the node or tensor.
 
 Kept cheap for a 2-core CPU: few calibration samples (the statistics of a 224x224 image hold
 thousands of positions per layer). The full table comes from tools/bench_coverage.py.
@@ -7,17 +9,22 @@ thousands of positions per layer). The full table comes from tools/bench_coverag
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
 
 from models import ppocr, transformer
+from models.corpus import corpus_entry
 from models.runtime import run_onnx
 from models.zoo import light_batches, light_model
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
+from onnx_spectral.errors import SpectralError
 from onnx_spectral.rewrite import check_interface
 from tools.bench_coverage import agreement, logits_tensor, run_tensor, shares
+from tools.corpus_coverage import run_output
 
 pytestmark = pytest.mark.real
 
@@ -82,3 +89,34 @@ def test_transformer_ffn_widths_halved() -> None:
     cosine, _, _ = agreement(run_tensor(model, output, iter(tokens)),
                              run_tensor(compressed, output, iter(tokens)))
     assert cosine > 0.999
+
+
+CHEAP_CORPUS = ("mnist_cnn", "sklearn_digits_mlp", "mnist_cnn_qdq", "silero_vad", "oww_hey_jarvis",
+                "mtcnn_rnet")
+"""Corpus models that compress (or are refused) in seconds each on a 2-core CPU."""
+
+
+@pytest.mark.parametrize("name", CHEAP_CORPUS)
+def test_cheap_corpus_model_is_compressed_validly_or_refused_by_name(name: str) -> None:
+    """No internal error at --flops 0.5: either a model that passes the full checker, runs in
+    ONNX Runtime and keeps the output names and shapes on held-out samples, or an
+    onnx-spectral error that names a node or tensor."""
+    entry = corpus_entry(name)
+    model = onnx.load(str(entry.path()))
+    try:
+        compressed, report = compress(str(entry.path()), entry.data(12, 0), flops=0.5,
+                                      provider="cpu", calib_samples=8, verify_samples=4)
+    except SpectralError as error:
+        assert re.search(r"(node|tensor|input|output) '[^']+'", str(error)), str(error)
+        return
+    onnx.checker.check_model(compressed, full_check=True)
+    check_interface(model, compressed)
+    assert report.cost_after.macs <= report.cost_before.macs
+    held_out = entry.data(2, 1)
+    names = [output.name for output in model.graph.output]
+    assert [output.name for output in compressed.graph.output] == names
+    for output in names:
+        want = run_output(model, output, held_out)
+        got = run_output(compressed, output, held_out)
+        assert [value.shape for value in got] == [value.shape for value in want]
+        assert all(np.all(np.isfinite(value)) for value in got if value.dtype.kind == "f")

@@ -1,9 +1,10 @@
 """Coverage and fidelity of onnx-spectral on real graphs: the model-zoo tables and the corpus.
 
-    python tools/bench_coverage.py [--models resnet50 vgg19 ... ppocr transformer]
+    python -m tools.bench_coverage [--models resnet50 vgg19 ... ppocr transformer]
         [--ratio 0.5] [--calib 32] [--verify 8] [--ridge 1e-3]
-    python tools/bench_coverage.py --corpus [--models NAME ...] [--flops 0.5] [--calib 16]
-        [--verify 4] [--test 16] [--timeout 300] [--markdown FILE]
+    python -m tools.bench_coverage --corpus [--models NAME ...] [--flops 0.5] [--calib 16]
+        [--verify 4] [--test 16] [--timeout 300] [--onnxsim-timeout 150]
+        [--results DIR [--render]] [--markdown FILE]
 
 `--corpus`: every model of models/corpus.py (or `--models`), compressed by onnx-spectral and
 pruned by onnxsim 0.8.1 at `--flops` of the MACs, each in its own process under `--timeout`
@@ -46,6 +47,7 @@ from tools.corpus_coverage import (
     CORPUS_HEADER,
     Settings,
     format_corpus_row,
+    read_results,
     reason_kind,
     run_corpus,
     summary,
@@ -269,13 +271,19 @@ def measure_transformer(ratio: float = 0.5, calib: int = 256, test: int = 64) ->
 EXTRA = {"ppocr": measure_ppocr, "transformer": measure_transformer}
 
 
-def corpus_table(names: list[str], settings: Settings, markdown: str | None) -> None:
+def corpus_table(names: list[str], settings: Settings, markdown: str | None,
+                 results: str | None, render: bool) -> None:
     """Print the corpus table row by row, then the summary and the internal errors'
-    tracebacks; with `markdown`, also write the table and summary to that file."""
+    tracebacks; with `markdown`, also write the table and summary to that file. `results`:
+    the folder that keeps the workers' results (a temporary one when None); with `render`,
+    nothing runs and the rows are read from there."""
     rows = []
     print(CORPUS_HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_corpus_") as scratch:
-        for name, spectral, onnxsim in run_corpus(names, settings, Path(scratch)):
+        folder = Path(results or scratch)
+        found = (read_results(names, folder) if render
+                 else run_corpus(names, settings, folder))
+        for name, spectral, onnxsim in found:
             rows.append((name, spectral, onnxsim))
             print(format_corpus_row(name, spectral, onnxsim), flush=True)
     text = summary(rows, settings.flops)
@@ -300,15 +308,21 @@ def main() -> None:
     parser.add_argument("--flops", type=float, default=0.5)
     parser.add_argument("--test", type=int, default=16, help="corpus held-out samples")
     parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds per corpus model and tool")
+                        help="seconds per corpus model for onnx-spectral")
+    parser.add_argument("--onnxsim-timeout", type=float, default=150.0,
+                        help="seconds per corpus model for onnxsim")
     parser.add_argument("--markdown", help="write the corpus table to this file")
+    parser.add_argument("--results", help="keep the corpus workers' results in this folder")
+    parser.add_argument("--render", action="store_true",
+                        help="with --results: print the table of an earlier run, run nothing")
     args = parser.parse_args()
     if args.corpus:
         from models.corpus import CORPUS
 
         settings = Settings(args.flops, args.calib or 16, args.verify or 4, args.test,
-                            args.timeout, args.timeout)
-        corpus_table(args.models or [entry.name for entry in CORPUS], settings, args.markdown)
+                            args.timeout, args.onnxsim_timeout)
+        corpus_table(args.models or [entry.name for entry in CORPUS], settings, args.markdown,
+                     args.results, args.render)
         return
     models = args.models or list(LIGHT_MODELS)
     calib, verify = args.calib or 32, args.verify or 8

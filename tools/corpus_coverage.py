@@ -1,0 +1,367 @@
+"""onnx-spectral and onnxsim 0.8.1 on every corpus model (models/corpus.py) at one MAC budget.
+
+``python -m tools.bench_coverage --corpus`` runs this. Per model, two worker processes
+(``python -m tools.corpus_coverage SIDE NAME FLOPS CALIB VERIFY TEST OUT.json``), each under its
+own time limit, so that a slow or crashing model costs one row, not the table:
+
+- ``spectral``: ``onnx_spectral.compress(path, calibration, flops=FLOPS, provider="cpu",
+  calib_samples=CALIB, verify_samples=VERIFY)`` on the entry's seed-0 draw of CALIB + VERIFY
+  samples. The outcome is ``compressed``; ``refused`` (an ``onnx_spectral.errors`` error: its
+  first line); ``INTERNAL ERROR`` (any other exception: type, message and traceback); or
+  ``INVALID`` (a compressed model that fails onnx.checker, does not run in ONNX Runtime, or
+  changes output names or shapes on a held-out sample). Groups and frozen reasons come from
+  ``onnx_spectral.analysis.analyze`` (and the report's groups once compressed).
+- ``onnxsim``: ``tools.onnxsim_baseline.onnxsim_prune`` on the first CALIB samples at FLOPS.
+
+Both measure MACs with ``tools.onnxsim_baseline.count_macs`` at the shape of the first
+calibration sample (batch 1), parameters as the elements of the initializers and Constant
+tensors (subgraphs included), and fidelity on TEST held-out samples (the entry's seed-1 draw)
+by the entry's metric (tools/corpus_metrics.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+Feeds = dict[str, np.ndarray]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Side:
+    """One tool's result on one model.
+
+    `outcome`: "compressed", "refused", "INTERNAL ERROR", "INVALID", "timeout" or "setup
+    error" (the model or its data could not be had); onnxsim: "pruned", "failed" or "timeout".
+    `message`: the error's first line (refusals, internal errors, invalid models, failures).
+    `traceback`: the whole traceback of an internal error. `macs`: (before, after) by
+    count_macs at the first calibration sample's shape; `report_macs`, `params`: (before,
+    after) by the report's cost model and by counting weights. `groups`: (prunable, frozen)
+    channel groups. `reasons`: frozen reasons without names, by count. `fidelity` and
+    `fidelity_text`: see tools/corpus_metrics.py. `seconds`: the tool's own time.
+    """
+
+    outcome: str
+    message: str = ""
+    traceback: str = ""
+    macs: tuple[int, int] | None = None
+    report_macs: tuple[int, int] | None = None
+    params: tuple[int, int] | None = None
+    groups: tuple[int, int] | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+    fidelity: float | None = None
+    fidelity_text: str = ""
+    seconds: float = 0.0
+
+    @property
+    def macs_kept(self) -> float | None:
+        """MACs after / before by count_macs (None when unknown or zero)."""
+        if not self.macs or not self.macs[0]:
+            return None
+        return self.macs[1] / self.macs[0]
+
+
+def reason_kind(reason: str) -> str:
+    """A frozen reason without node and tensor names, so equal causes count together."""
+    text = re.sub(r"'[^']*'", "'*'", reason)
+    return re.sub(r"\(([A-Za-z]+ node '\*', input \d+ '\*')\)", "", text).strip()
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of the initializers, Constant-node tensors and ConstantOfShape outputs of a
+    constant shape (the weights of the IR-3 zoo graphs) of every graph of `model`."""
+
+    def graph_params(graph: onnx.GraphProto) -> int:
+        values = {tensor.name: tensor for tensor in graph.initializer}
+        values.update({node.output[0]: attribute.t for node in graph.node
+                       if node.op_type == "Constant" for attribute in node.attribute
+                       if attribute.name == "value"})
+        total = sum(int(np.prod(tensor.dims)) for tensor in values.values())
+        for node in graph.node:
+            if node.op_type == "ConstantOfShape" and node.input[0] in values:
+                total += int(np.prod(onnx.numpy_helper.to_array(values[node.input[0]])))
+            for attribute in node.attribute:
+                for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                    total += graph_params(sub)
+        return total
+
+    return graph_params(model.graph)
+
+
+def run_output(model: onnx.ModelProto, output: str, samples: list[Feeds]) -> list[np.ndarray]:
+    """The value of graph output `output` on each sample."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(session.run([output], feeds)[0]) for feeds in samples]
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A corpus entry's model and data: `calibration` (seed 0, CALIB + VERIFY samples),
+    `held_out` (seed 1, TEST samples) and their `labels` (None without ground truth)."""
+
+    entry: Any
+    path: Path
+    model: onnx.ModelProto
+    calibration: list[Feeds]
+    held_out: list[Feeds]
+    labels: np.ndarray | None
+
+
+def load(name: str, calib: int, verify: int, test: int) -> Loaded:
+    """Fetch or build corpus model `name` and draw its data."""
+    from models.corpus import corpus_entry
+
+    entry = corpus_entry(name)
+    path = entry.path()
+    model = onnx.load(str(path))
+    labels = None if entry.labels is None else np.asarray(entry.labels(test, 1))
+    return Loaded(entry, path, model, entry.data(calib + verify, 0), entry.data(test, 1), labels)
+
+
+def _fidelity(loaded: Loaded, changed: onnx.ModelProto) -> tuple[float, str]:
+    from tools.corpus_metrics import fidelity
+
+    entry = loaded.entry
+    original = run_output(loaded.model, entry.output, loaded.held_out)
+    result = fidelity(entry.name, entry.metric, entry.axis, original,
+                      run_output(changed, entry.output, loaded.held_out), loaded.labels)
+    return result.value, result.text
+
+
+def _groups(model: onnx.ModelProto, feeds: Feeds) -> tuple[tuple[int, int] | None,
+                                                          dict[str, int]]:
+    """(prunable, frozen) group counts and frozen reasons by count from `analyze` (shapes it
+    cannot infer from `feeds`, as compress does); (None, {}) when the analysis itself fails."""
+    from onnx_spectral.analysis import analyze
+    from onnx_spectral.errors import SpectralError
+
+    try:
+        analysis = analyze(model, shape_feeds=feeds)
+    except SpectralError:
+        return None, {}
+    prunable = len(analysis.prunable)
+    reasons = Counter(reason_kind(reason) for group in analysis.groups for reason in group.frozen)
+    return (prunable, len(analysis.groups) - prunable), dict(reasons.most_common())
+
+
+def measure_spectral(loaded: Loaded, flops: float, calib: int, verify: int) -> Side:
+    """Compress with onnx-spectral and measure (see the module docstring)."""
+    from onnx_spectral import compress
+    from onnx_spectral.errors import SpectralError
+    from tools.onnxsim_baseline import check_valid, count_macs
+
+    side = Side("compressed")
+    start = time.perf_counter()
+    try:
+        compressed, report = compress(str(loaded.path), loaded.calibration, flops=flops,
+                                      provider="cpu", calib_samples=calib,
+                                      verify_samples=verify)
+    except SpectralError as error:
+        side.outcome, side.message = "refused", first_line(error)
+    except Exception as error:  # anything else is a bug to report
+        side.outcome, side.message = "INTERNAL ERROR", first_line(error)
+        side.traceback = traceback.format_exc()
+    side.seconds = time.perf_counter() - start
+    side.groups, side.reasons = _groups(loaded.model, loaded.calibration[0])
+    if side.outcome != "compressed":
+        return side
+    reasons = Counter(reason_kind(reason) for group in report.groups for reason in group.frozen)
+    side.reasons = dict(reasons.most_common())
+    side.report_macs = (report.cost_before.macs, report.cost_after.macs)
+    side.params = (count_params(loaded.model), count_params(compressed))
+    problem = check_valid(loaded.model, compressed, loaded.held_out[0])
+    if problem is not None:
+        side.outcome, side.message = "INVALID", problem.splitlines()[0]
+        return side
+    first = loaded.calibration[0]
+    side.macs = (count_macs(loaded.model, first), count_macs(compressed, first))
+    side.fidelity, side.fidelity_text = _fidelity(loaded, compressed)
+    return side
+
+
+def measure_onnxsim(loaded: Loaded, flops: float, calib: int, timeout: float) -> Side:
+    """Prune with onnxsim 0.8.1 at the same budget and measure it the same way."""
+    from tools.onnxsim_baseline import onnxsim_prune
+
+    result = onnxsim_prune(loaded.model, loaded.calibration[:calib], flops, timeout=timeout)
+    side = Side("pruned" if result.model is not None and result.valid else "failed",
+                message=(result.reason or "").strip().splitlines()[0] if result.reason else "",
+                seconds=result.seconds)
+    if result.model is None:
+        return side
+    side.macs = (result.macs_before, result.macs_after)
+    side.params = (count_params(loaded.model), count_params(result.model))
+    if result.valid:
+        side.fidelity, side.fidelity_text = _fidelity(loaded, result.model)
+    return side
+
+
+def worker(argv: list[str]) -> None:
+    """``SIDE NAME FLOPS CALIB VERIFY TEST TIMEOUT OUT``: measure one side, write it as JSON."""
+    side_name, name, flops, calib, verify, test, timeout, out = argv
+    try:
+        loaded = load(name, int(calib), int(verify), int(test))
+    except Exception as error:
+        side = Side("setup error", first_line(error), traceback.format_exc())
+    else:
+        side = (measure_spectral(loaded, float(flops), int(calib), int(verify))
+                if side_name == "spectral"
+                else measure_onnxsim(loaded, float(flops), int(calib), float(timeout)))
+    Path(out).write_text(json.dumps(asdict(side)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every model runs with: the MAC budget, samples, time limits (seconds)."""
+
+    flops: float = 0.5
+    calib: int = 16
+    verify: int = 4
+    test: int = 16
+    spectral_timeout: float = 300.0
+    onnxsim_timeout: float = 150.0
+
+
+def run_side(side: str, name: str, settings: Settings, scratch: Path) -> Side:
+    """One worker process; a timeout or a crash becomes the row's outcome."""
+    out = scratch / f"{name}.{side}.json"
+    limit = settings.spectral_timeout if side == "spectral" else settings.onnxsim_timeout
+    command = [sys.executable, "-m", "tools.corpus_coverage", side, name, str(settings.flops),
+               str(settings.calib), str(settings.verify), str(settings.test), str(limit),
+               str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=limit + 60, check=False)
+    except subprocess.TimeoutExpired:
+        return Side("timeout", f"no result after {limit + 60:.0f} s",
+                    seconds=time.perf_counter() - start)
+    if done.returncode != 0 or not out.is_file():
+        kind = "INTERNAL ERROR" if side == "spectral" else "failed"
+        tail = done.stderr.strip().splitlines()[-1:] or [""]
+        return Side(kind, f"worker exit code {done.returncode}: {tail[0]}",
+                    done.stderr[-3000:], seconds=time.perf_counter() - start)
+    return read_side(out)
+
+
+def read_side(path: Path) -> Side:
+    """A Side as a worker wrote it."""
+    fields = json.loads(path.read_text())
+    for key in ("macs", "report_macs", "params", "groups"):
+        if fields[key] is not None:
+            fields[key] = tuple(fields[key])
+    return Side(**fields)
+
+
+def read_results(names: list[str], folder: Path) -> Iterator[tuple[str, Side, Side]]:
+    """The rows of earlier runs whose worker results lie in `folder` (a missing side reads as
+    "not run")."""
+    for name in names:
+        spectral, onnxsim = (folder / f"{name}.{side}.json" for side in ("spectral", "onnxsim"))
+        yield (name, read_side(spectral) if spectral.is_file() else Side("not run"),
+               read_side(onnxsim) if onnxsim.is_file() else Side("not run"))
+
+
+def run_corpus(names: list[str], settings: Settings, scratch: Path
+               ) -> Iterator[tuple[str, Side, Side]]:
+    """(name, onnx-spectral side, onnxsim side) of each model, as they finish."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        yield (name, run_side("spectral", name, settings, scratch),
+               run_side("onnxsim", name, settings, scratch))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _kept(pair: tuple[int, int] | None) -> str:
+    if not pair or not pair[0]:
+        return "-"
+    return f"{pair[1] / pair[0]:.1%}"
+
+
+def _millions(value: int) -> str:
+    return f"{value / 1e6:.1f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
+
+
+def outcome_text(side: Side) -> str:
+    """The outcome cell: the outcome and, for errors, their first line."""
+    if not side.message:
+        return side.outcome
+    return f"{side.outcome}: {side.message}".replace("|", "/")[:300]
+
+
+def format_corpus_row(name: str, spectral: Side, onnxsim: Side) -> str:
+    """One markdown table row (see CORPUS_HEADER)."""
+    groups = "-" if spectral.groups is None else f"{spectral.groups[0]} / {spectral.groups[1]}"
+    reasons = "; ".join(f"{count} x {text}" for text, count in spectral.reasons.items())
+    macs = "-"
+    if spectral.macs:
+        macs = (f"{_millions(spectral.macs[0])} -> {_millions(spectral.macs[1])} "
+                f"({_kept(spectral.macs)}; report {_kept(spectral.report_macs)})")
+    sim_macs = "-" if not onnxsim.macs else _kept(onnxsim.macs)
+    sim = outcome_text(onnxsim).replace("pruned", "valid", 1)[:200]
+    cells = [name, outcome_text(spectral), groups, reasons.replace("|", "/")[:400] or "-", macs,
+             _kept(spectral.params), spectral.fidelity_text or "-", f"{spectral.seconds:.0f}",
+             f"{sim}, MACs {sim_macs}, params {_kept(onnxsim.params)}",
+             onnxsim.fidelity_text or "-", f"{onnxsim.seconds:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+CORPUS_HEADER = (
+    "| model | onnx-spectral outcome | groups prunable / frozen | frozen reasons (count) | "
+    "MACs at calib shape (kept; report's) | params kept | fidelity | s | onnxsim 0.8.1 | "
+    "onnxsim fidelity | s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def summary(rows: list[tuple[str, Side, Side]], flops: float) -> str:
+    """Counts of outcomes, of models losing >= 25% of the MACs, and the onnxsim comparison."""
+    outcomes = Counter(spectral.outcome for _, spectral, _ in rows)
+    losing = [name for name, spectral, _ in rows
+              if spectral.macs_kept is not None and spectral.macs_kept <= 0.75]
+    lines = [f"{len(rows)} models: " + ", ".join(f"{count} {kind}"
+                                                for kind, count in outcomes.most_common()),
+             f"lose >= 25% of the MACs at --flops {flops}: {len(losing)} ({', '.join(losing)})"]
+    smaller = [(name, spectral, sim) for name, spectral, sim in rows
+               if sim.outcome == "pruned" and sim.macs_kept is not None and sim.macs_kept < 0.99]
+    lines.append(f"onnxsim writes a valid smaller model: {len(smaller)}")
+    for name, spectral, sim in smaller:
+        lines.append(f"  {name}: MACs kept onnx-spectral {_pct(spectral.macs_kept)} vs onnxsim "
+                     f"{_pct(sim.macs_kept)}; fidelity {_pct(spectral.fidelity)} vs "
+                     f"{_pct(sim.fidelity)}")
+    return "\n".join(lines)
+
+
+def tracebacks(rows: list[tuple[str, Side, Side]]) -> str:
+    """Every internal error's traceback, by model."""
+    return "\n".join(f"--- {name}: {spectral.message}\n{spectral.traceback}"
+                     for name, spectral, _ in rows
+                     if spectral.outcome in ("INTERNAL ERROR", "INVALID") or spectral.traceback)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])
