@@ -209,3 +209,54 @@ def test_same_inputs_give_byte_identical_files(tmp_path: Path, extra: list[str])
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == outputs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# modes
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path: Path, mask: int, expected: int) -> None:
+    """The model, its data file, the report and a statistics file get 0666 less the umask, as a
+    plain open() (and onnx.save) gives."""
+    model = tmp_path / "in.onnx"
+    onnx.save_model(graphs.residual_block(), str(model))
+    old = os.umask(mask)
+    try:
+        assert cli.main([str(model), str(tmp_path / "out.onnx"), "--calib", "random", *FAST,
+                         "--external-data", "--report", str(tmp_path / "r.json")]) == 0
+        assert cli.main(["calibrate", str(model), "--calib", "random", "--calib-samples", "8",
+                         "--provider", "cpu", "-o", str(tmp_path / "s.npz")]) == 0
+    finally:
+        os.umask(old)
+    written = [path for path in tmp_path.iterdir() if path.name != "in.onnx"]
+    assert {path.suffix for path in written} == {".onnx", ".data", ".json", ".npz"}
+    assert {path.name: _mode(path) for path in written} == {path.name: expected
+                                                            for path in written}
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path: Path) -> None:
+    model, out, _ = _setup(tmp_path, external=True)
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    out.chmod(0o640)
+    report.chmod(0o604)
+    assert cli.main([str(model), str(out), "--calib", "random", "--ratio", "0.5", *FAST,
+                     "--external-data", "--report", str(report)]) == 0
+    [data] = [path for path in tmp_path.iterdir() if path.suffix == ".data"]
+    assert (_mode(out), _mode(data), _mode(report)) == (0o640, 0o640, 0o604)
+
+
+def test_save_model_mode_without_external_data(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        atomic.save_model(graphs.residual_block(), tmp_path / "m.onnx")
+        atomic.write_text(tmp_path / "t.txt", "x")
+    finally:
+        os.umask(old)
+    assert (_mode(tmp_path / "m.onnx"), _mode(tmp_path / "t.txt")) == (0o640, 0o640)
+    assert atomic.target_mode(tmp_path / "m.onnx") == 0o640

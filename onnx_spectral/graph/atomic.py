@@ -10,6 +10,10 @@ A model saved with external data gets its tensors in `NAME.<digest>.data` beside
 <digest> is a hash of the tensor bytes. The data file is renamed into place first and the model
 second: until the model's rename the old model still reads its own data file, after it the new
 model reads the new one. The old model's data file (`NAME.*.data`) is removed afterwards.
+
+Modes are those a plain `open(path, "w")` would give (as `onnx.save` gives): a new file gets
+0666 less the umask, a file that is replaced keeps its mode, and a model's data file gets the
+model's mode. (`tempfile.mkstemp` alone would leave every file private, 0600.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +63,29 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def target_mode(path: Path) -> int:
+    """The permission bits a file written at `path` gets: those of the file it replaces, else
+    0666 less the umask (0644 under umask 022)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextmanager
 def _temporary(path: Path, folder: bool) -> Iterator[Path]:
     """A hidden temporary file (or folder) beside `path`, removed unless renamed away."""
@@ -79,9 +107,11 @@ def _temporary(path: Path, folder: bool) -> Iterator[Path]:
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(temporary)` and rename the temporary file to `path` once it returns."""
+    mode = target_mode(path)
     with _temporary(path, folder=False) as temporary:
         write(temporary)
         _fsync(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     _fsync_folder(path.parent)
 
@@ -141,12 +171,15 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) 
     With `external_data`, or when the tensors exceed LARGE_BYTES (2 GiB), the tensors go to
     `NAME.<digest>.data` beside `path` (and `model`'s initializers are turned into references
     to that file, in place). The written files pass `onnx.checker` before they are renamed.
+    Their mode is `target_mode(path)`.
     """
     path = Path(path)
+    mode = target_mode(path)
     if not (external_data or is_large(model)):
         with _temporary(path, folder=False) as temporary:
             _write_bytes(temporary, model.SerializeToString())
             _check(temporary)
+            os.chmod(temporary, mode)
             os.replace(temporary, path)
         _fsync_folder(path.parent)
         return [path]
@@ -159,9 +192,11 @@ def save_model(model: onnx.ModelProto, path: Path, external_data: bool = False) 
         written = [path]
         if (folder / location).exists():  # absent when the model has no tensors
             _fsync(folder / location)
+            os.chmod(folder / location, mode)
             os.replace(folder / location, path.parent / location)
             _fsync_folder(path.parent)
             written.append(path.parent / location)
+        os.chmod(folder / path.name, mode)
         os.replace(folder / path.name, path)
     _fsync_folder(path.parent)
     for old in stale:
