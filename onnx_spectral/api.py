@@ -1,7 +1,7 @@
 """`compress` and its steps: the only place that orders the pipeline stages.
 
     load -> prepare (analyze, open data) -> decide_corrections -> shared_statistics -> plan
-         -> rewrite_model -> correct (refit) -> verify -> build_report
+         -> rewrite_model -> correct (refit) -> quantize -> verify -> build_report
 
 Each step is a function of its own so that tools measure what users run: tools/bench_quality.py
 prepares and calibrates a model once, then plans, rewrites and corrects it once per method
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from onnx_spectral.analysis import Analysis, Tap, analyze
+from onnx_spectral.calibration.batches import after, skip, teed
 from onnx_spectral.calibration.collect import Statistics, calibrate
 from onnx_spectral.calibration.deployment import deployment_inputs
 from onnx_spectral.calibration.instrument import Instrumented, instrument
@@ -49,6 +50,7 @@ from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import initializer_inputs_note, load_model
 from onnx_spectral.options import CompressOptions, with_overrides
+from onnx_spectral.quantize import model_bytes, quantize_int8, quantize_problem
 from onnx_spectral.report import Report, group_reports
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
@@ -109,10 +111,12 @@ class Calibrated:
 @dataclass(frozen=True)
 class Verified:
     """Held-out agreement of the outputs (None without held-out data) and each pruned group's
-    mean relative reconstruction error over its taps, by group id."""
+    mean relative reconstruction error over its taps, by group id; `float_verification`: the
+    float model's agreement when the model written is quantized."""
 
     verification: Verification | None
     group_errors: dict[int, float]
+    float_verification: Verification | None = None
 
 
 class _StageClock:
@@ -156,7 +160,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
                              options.require_prunable)
     corrections = decide_corrections(prepared, options)
     with clock("calibrate"):
-        calibrated = shared_statistics(prepared, options, corrections.need_batches)
+        calibrated = shared_statistics(prepared, options,
+                                       corrections.need_batches or options.quantize != "none")
     cost_before = prepared.cost
     with clock("select"):
         planned = plan(prepared, calibrated, options, corrections, costs)
@@ -166,14 +171,23 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         compressed, correction_notes = correct(prepared, compressed, planned, calibrated,
                                                options, corrections)
     _stamp(compressed, original, options)
+    with clock("quantize") if options.quantize != "none" else nullcontext():
+        written = quantize(compressed, calibrated, options)
+    _stamp(written, original, options)
     with clock("verify"):
-        verified = verify(prepared, compressed, calibrated, planned, options)
+        verified = verify(prepared, written, calibrated, planned, options,
+                          float_model=None if written is compressed else compressed)
     notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
-    cost_after = model_cost(compressed, cost_before.input_shapes)
+    cost_after = model_cost(written, cost_before.input_shapes)
+    if written is not compressed:  # the weights are integers now: count them as before
+        cost_after = replace(cost_after, params=model_cost(compressed, None).params)
     check_budget_met(cost_before, cost_after, options.flops, options.params)
+    sizes = {"original": model_bytes(original), "compressed": model_bytes(compressed)}
+    if written is not compressed:
+        sizes[options.quantize] = model_bytes(written)
     report = build_report(prepared, calibrated, planned, verified, cost_before,
-                          cost_after, options, clock.seconds, notes)
-    return compressed, report
+                          cost_after, options, clock.seconds, notes, sizes)
+    return written, report
 
 
 def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
@@ -182,7 +196,7 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     """Analyze `original` and open its data (and saved statistics, checked against it).
 
     Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
-    budget, `budget_costs` does).
+    budget, `budget_costs` does); OptionsError when `quantize` cannot apply.
     """
     specs = model_input_specs(original)  # initializers listed as inputs are not data
     with warnings.catch_warnings(record=True) as caught:
@@ -202,6 +216,12 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
         notes.append(initializers_note)
     if saved is not None:
         notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
+    if options.quantize != "none":
+        problem = quantize_problem(original, options.quantize_exclude) or (
+            None if saved is None else "--quantize needs calibration batches, not saved "
+            "statistics (--stats)")
+        if problem is not None:
+            raise OptionsError(problem)
     batch = fixed_batch_size(specs) or options.batch_size
     cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
     return Prepared(original, analysis, stream, saved, batch, tuple(notes), cost)
@@ -243,7 +263,7 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
     if prepared.saved is not None:
         gathered = prepared.saved.statistics
         held_out = ([] if stream is None
-                    else _after(stream, prepared.saved.calib_samples, options.verify_samples,
+                    else after(stream, prepared.saved.calib_samples, options.verify_samples,
                                 prepared.batch))
     else:
         assert stream is not None
@@ -251,7 +271,7 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
                                          options.verify_samples)
         calibration = stream.take(n_calib, prepared.batch)
         if keep_batches:  # the first batches are read again by each correction pass
-            calibration = _teed(calibration, options.compensation_samples, first_batches)
+            calibration = teed(calibration, options.compensation_samples, first_batches)
         gathered = (calibrate(instrumented, calibration, options.provider,
                               total_samples=n_calib, progress=options.progress)
                     if analysis.taps and options.plan_options().needs_statistics
@@ -289,15 +309,30 @@ def correct(prepared: Prepared, compressed: onnx.ModelProto, planned: Sequence[P
     return refitted, tuple(notes)
 
 
+def quantize(compressed: onnx.ModelProto, calibrated: Calibrated, options: CompressOptions
+             ) -> onnx.ModelProto:
+    """The model to write: `compressed` quantized as `options.quantize` asks, calibrated on the
+    first calibration batches (`compressed` itself for "none")."""
+    if options.quantize == "none":
+        return compressed
+    return quantize_int8(compressed, calibrated.first_batches, method=options.quantize_method,
+                         fmt=options.quantize_format, per_channel=options.quantize_per_channel,
+                         exclude=options.quantize_exclude)
+
+
 def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrated,
-           planned: Sequence[PlannedGroup], options: CompressOptions) -> Verified:
-    """Output agreement, and each pruned group's reconstruction error, on held-out data."""
+           planned: Sequence[PlannedGroup], options: CompressOptions,
+           float_model: onnx.ModelProto | None = None) -> Verified:
+    """Output agreement of `compressed` (and of `float_model`, the model before quantization,
+    when given), and each pruned group's reconstruction error, on held-out data."""
     held_out = calibrated.held_out
     if not held_out:
         return Verified(None, {})
     verification = compare_models(prepared.original, compressed, held_out, options.provider)
+    floating = (None if float_model is None
+                else compare_models(prepared.original, float_model, held_out, options.provider))
     if not planned:
-        return Verified(verification, {})
+        return Verified(verification, {}, floating)
     statistics = calibrate(calibrated.instrumented, held_out, options.provider)
     errors = {}
     for item in planned:
@@ -307,14 +342,15 @@ def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrat
                    for tap in plan.group.taps]
         if per_tap:  # a group read only through concatenations has no tap of its own
             errors[plan.group.id] = float(np.mean(per_tap))
-    return Verified(verification, errors)
+    return Verified(verification, errors, floating)
 
 
 def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[PlannedGroup],
                  verified: Verified, cost_before: ModelCost, cost_after: ModelCost,
-                 options: CompressOptions, seconds: dict[str, float], notes: Sequence[str]
-                 ) -> Report:
-    """The report of a run; notes on missing verification and an unchanged model added."""
+                 options: CompressOptions, seconds: dict[str, float], notes: Sequence[str],
+                 sizes: dict[str, int] | None = None) -> Report:
+    """The report of a run; notes on missing verification and an unchanged model added.
+    `sizes`: serialized bytes of the original, the compressed and the quantized model."""
     notes = list(notes)
     if not calibrated.held_out:
         notes.append("no held-out samples were left for verification: give more data or "
@@ -327,6 +363,8 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
         cost_after=cost_after,
         calibration_samples=calibrated.statistics.samples,
         verification=verified.verification,
+        float_verification=verified.float_verification,
+        sizes=sizes or {},
         options=options.summary(),
         seconds=seconds,
         warnings=tuple(notes),
@@ -366,7 +404,7 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
     n_calib, _ = split_counts(prepared.stream.known_length, options.calib_samples,
                               options.verify_samples)
     start, stop = shard.bounds(n_calib)
-    _skip(prepared.stream, start, prepared.batch)
+    skip(prepared.stream, start, prepared.batch)
     gathered = (calibrate(_instrumented(prepared, options),
                           prepared.stream.take(stop - start, prepared.batch), options.provider,
                           total_samples=stop - start, progress=options.progress)
@@ -382,18 +420,6 @@ def _instrumented(prepared: Prepared, options: CompressOptions) -> Instrumented:
     return instrument(analysis.graph, analysis.taps,
                       gram_strides(analysis.graph, analysis.taps, options.gram_budget,
                                    options.calib_samples, prepared.cost))
-
-
-def _skip(stream: SampleStream, count: int, batch: int) -> None:
-    """Read and drop the next `count` samples of a SampleStream."""
-    for _ in stream.take(count, batch):
-        pass
-
-
-def _after(stream: SampleStream, skip: int, count: int, batch: int) -> list[FeedDict]:
-    """The `count` samples that follow the first `skip` samples of the stream."""
-    _skip(stream, skip, batch)
-    return list(stream.take(count, batch))
 
 
 def _saved_for(statistics: SavedStatistics | str | Path, original: onnx.ModelProto,
@@ -416,15 +442,3 @@ def _stamp(compressed: onnx.ModelProto, original: onnx.ModelProto,
     entry = compressed.metadata_props.add()
     entry.key = "onnx_spectral"
     entry.value = str(options.summary())
-
-
-def _teed(batches: Iterable[FeedDict], count: int, kept: list[FeedDict]
-          ) -> Iterator[FeedDict]:
-    """Yield `batches`, appending to `kept` the first whole batches that hold at least `count`
-    samples (a fixed batch stays whole); the rest are not kept."""
-    left = count
-    for feeds in batches:
-        if left > 0:
-            kept.append(feeds)
-            left -= len(next(iter(feeds.values())))
-        yield feeds

@@ -222,7 +222,8 @@ def _run_compress(argv: Sequence[str], outputs: _Outputs) -> int:
         atomic.write_text(args.report, report_json)
         outputs.wrote(args.report)
     print(table)
-    print("wrote " + ", ".join(str(path) for path in outputs.written))
+    print("wrote " + ", ".join(f"{path} ({path.stat().st_size:,} bytes)"
+                               for path in outputs.written))
     if args.plots is not None:
         figures = write_plots(report, args.plots)
         outputs.wrote(args.plots, figures)

@@ -22,6 +22,7 @@ from onnx_spectral.correction.refit import MAX_FEATURES
 from onnx_spectral.errors import OptionsError
 from onnx_spectral.graph.model import InitializerInputs
 from onnx_spectral.graph.sessions import Provider
+from onnx_spectral.quantize import Quantize, QuantizeFormat, QuantizeMethod
 from onnx_spectral.selection.plan import PlanOptions, Selection
 from onnx_spectral.selection.widths import Allocation
 
@@ -212,7 +213,8 @@ class CompressOptions:
                                    "the original's activations too", flag=None,
                                    plan="cross_selection")
     compensation_samples: int = option(1000, "calibration samples each compensation and refit "
-                                       "pass runs", check=at_least(1))
+                                       "pass runs, and --quantize calibrates on",
+                                       check=at_least(1))
     refit: bool = option(True, "refit the Conv/Gemm/MatMul layers downstream of the pruning "
                          "(whole kernels and biases) toward the original's outputs (one extra "
                          "pass per layer; needs calibration batches, not saved statistics)",
@@ -220,6 +222,19 @@ class CompressOptions:
     refit_features: int = option(MAX_FEATURES, "layers with more input features (channels x "
                                  "kernel) are not refitted: the fit costs rows x features^2",
                                  check=at_least(1))
+    quantize: Quantize = option("none", "then quantize the model written: int8 (ONNX Runtime's "
+                                "quantize_static; uint8 activations calibrated on the "
+                                "calibration data, int8 weights); the report compares both "
+                                "the float and the int8 model with the original")
+    quantize_method: QuantizeMethod = option("minmax", "how --quantize calibrates activation "
+                                             "ranges")
+    quantize_format: QuantizeFormat = option("qdq", "--quantize writes QuantizeLinear/"
+                                             "DequantizeLinear pairs (qdq) or QLinear ops "
+                                             "(qoperator)")
+    quantize_per_channel: bool = option(True, "--quantize: int8 weights per output channel "
+                                        "(off: one scale per tensor)", switch="pair")
+    quantize_exclude: tuple[str, ...] = option((), "nodes --quantize leaves in float",
+                                               many=True, metavar="NODE")
 
     def __post_init__(self) -> None:
         try:
@@ -239,6 +254,7 @@ class CompressOptions:
         """The options as plain values, for the report."""
         values = dataclasses.asdict(self)
         values["exclude"] = list(self.exclude)
+        values["quantize_exclude"] = list(self.quantize_exclude)
         values["preprocess"] = None if self.preprocess is None else str(self.preprocess)
         values["input_shape"] = {name: list(shape) for name, shape in self.input_shape}
         return values

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from onnx_spectral.analysis import Analysis, Part
@@ -65,6 +65,11 @@ class Report:
     seconds: Mapping[str, float]
     """Wall-clock seconds per pipeline stage."""
     warnings: tuple[str, ...] = ()
+    float_verification: Verification | None = None
+    """The float model's agreement, when the model written (`verification`) is quantized."""
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    """Serialized bytes by model: "original", "compressed" (float) and, when quantized, the
+    quantized model's ("int8"); the last is the model written."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (per-node MACs left out)."""
@@ -75,6 +80,9 @@ class Report:
                      **_macs_shape(self.cost_before)},
             "calibration_samples": self.calibration_samples,
             "verification": None if self.verification is None else asdict(self.verification),
+            "float_verification": (None if self.float_verification is None
+                                   else asdict(self.float_verification)),
+            "bytes": dict(self.sizes),
             "options": dict(self.options),
             "seconds": dict(self.seconds),
             "warnings": list(self.warnings),
@@ -98,16 +106,29 @@ class Report:
                      + f", at {self.cost_before.shape_text()}")
         if not self.cost_before.complete:
             lines.append(f"  (a lower bound: {self.cost_before.missing_shape_text()})")
+        if self.sizes:
+            lines.append("model bytes: " + " -> ".join(f"{name} {size:,}"
+                                                       for name, size in self.sizes.items()))
         lines.append(f"calibration samples: {self.calibration_samples}")
-        if self.verification is not None:
-            lines.append(f"held-out verification on {self.verification.samples} samples:")
-            for output in self.verification.outputs:
-                top1 = ("" if output.top1_agreement is None
-                        else f", top-1 agreement {100 * output.top1_agreement:.2f}%")
-                lines.append(f"  output '{output.name}': relative error "
-                             f"{output.relative_error:.4f}, cosine {output.cosine:.4f}{top1}")
+        quantized = list(self.sizes)[-1] if self.float_verification is not None else None
+        for verification, which in ((self.float_verification, " (float model)"),
+                                    (self.verification, f" ({quantized} model written)"
+                                     if quantized else "")):
+            if verification is not None:
+                lines.extend(_verification_lines(verification, which))
         lines.extend(f"warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
+
+
+def _verification_lines(verification: Verification, which: str) -> list[str]:
+    """The held-out agreement of one model with the original, one line per output."""
+    lines = [f"held-out verification{which} on {verification.samples} samples:"]
+    for output in verification.outputs:
+        top1 = ("" if output.top1_agreement is None
+                else f", top-1 agreement {100 * output.top1_agreement:.2f}%")
+        lines.append(f"  output '{output.name}': relative error "
+                     f"{output.relative_error:.4f}, cosine {output.cosine:.4f}{top1}")
+    return lines
 
 
 def group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],

@@ -24,6 +24,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("selection/",),
     ("rewrite.py",),  # applies plans: compensation rewrites between its passes, refit after
     ("correction/",),
+    ("quantize.py",),  # the model written, quantized after the corrections
     ("verify.py",),
     ("report.py", "plots.py"),
     ("options.py", "api.py", "cli.py", "__init__.py"),
