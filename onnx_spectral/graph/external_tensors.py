@@ -34,6 +34,9 @@ LARGE_BYTES = 2**31 - 2**26
 data): protobuf's 2 GiB limit, with room for the graph itself."""
 STUB_BYTES = 1 << 20
 """Tensors larger than this become external references in a skeleton."""
+INLINE_BYTES = 1 << 16
+"""A lazily loaded model's initializers up to this size are read at load (shape constants
+that shape inference with data propagation must see), larger ones stay references."""
 _DATA_FILE = "tensors.bin"
 _ALIGN = 4096
 
@@ -75,7 +78,8 @@ def _extent(tensor: TensorProto) -> tuple[str, int, int]:
 
 def load(path: Path) -> onnx.ModelProto:
     """`onnx.load(path)`, except that a model whose external tensors exceed LARGE_BYTES keeps
-    its top-level initializers as (absolute) references to their files: see the module doc."""
+    its top-level initializers over INLINE_BYTES as (absolute) references to their files (see
+    the module doc); smaller ones (shape constants that shape inference must read) are loaded."""
     model = onnx.load(str(path), load_external_data=False)
     if tensor_bytes(model) <= LARGE_BYTES:  # the ordinary path: exactly onnx.load
         external_data_helper.load_external_data_for_model(model, os.path.dirname(str(path)))
@@ -88,7 +92,12 @@ def load(path: Path) -> onnx.ModelProto:
             if folder not in source.parents or not source.is_file():
                 raise ValueError(f"tensor '{tensor.name}': external data file '{name}' is not "
                                  f"a file in '{folder}'")
-            _set_location(tensor, str(source))
+            if _extent(tensor)[2] <= INLINE_BYTES:
+                external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+                tensor.data_location = TensorProto.DEFAULT
+                del tensor.external_data[:]
+            else:
+                _set_location(tensor, str(source))
     for tensor in external_data_helper._get_all_tensors(model):  # attribute, subgraph tensors
         if external_data_helper.uses_external_data(tensor) and not is_lazy(tensor):
             external_data_helper.load_external_data_for_tensor(tensor, str(folder))
