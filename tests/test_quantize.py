@@ -136,3 +136,17 @@ def test_cli_writes_the_int8_model_and_both_fidelities(tmp_path: Path,
     assert figures["options"]["quantize"] == "int8"
     assert cli.main([str(model), str(tmp_path / "o2.onnx"), "--calib", "random",
                      "--quantize", "int4"]) == 2
+
+
+def test_the_int8_model_is_the_float_model_quantized_on_the_first_batches() -> None:
+    """What tools/bench_deploy.py relies on: compress(quantize="int8") equals quantize_int8 of
+    compress's float model on the first whole batches holding `compensation_samples`."""
+    data = _data()
+    options = {"ratio": 0.5, "batch_size": 8, "compensation_samples": 20, **FAST}
+    written, _ = compress(graphs.residual_block(), data, quantize="int8", **options)
+    float_model, _ = compress(graphs.residual_block(), data, **options)
+    batches = [{"x": data["x"][start:start + 8]} for start in range(0, 24, 8)]
+    direct = quantize_int8(float_model, batches)
+    assert written.graph.SerializeToString() == direct.graph.SerializeToString()
+    fewer = quantize_int8(float_model, batches[:2])
+    assert written.graph.SerializeToString() != fewer.graph.SerializeToString()
