@@ -52,7 +52,8 @@ class Side:
     `traceback`: the whole traceback of an internal error. `macs`: (before, after) by
     count_macs at the first calibration sample's shape; `report_macs`, `params`: (before,
     after) by the report's cost model and by counting weights. `groups`: (prunable, frozen)
-    channel groups. `reasons`: frozen reasons without names, by count. `fidelity` and
+    channel groups. `reasons`: frozen reasons without names, by count. `analysis_error`: why
+    `analyze` gave no groups. `fidelity` and
     `fidelity_text`: see tools/corpus_metrics.py. `seconds`: the tool's own time.
     """
 
@@ -67,6 +68,7 @@ class Side:
     fidelity: float | None = None
     fidelity_text: str = ""
     seconds: float = 0.0
+    analysis_error: str = ""
 
     @property
     def macs_kept(self) -> float | None:
@@ -149,20 +151,26 @@ def _fidelity(loaded: Loaded, changed: onnx.ModelProto) -> tuple[float, str]:
     return result.value, result.text
 
 
-def _groups(model: onnx.ModelProto, feeds: Feeds) -> tuple[tuple[int, int] | None,
-                                                          dict[str, int]]:
-    """(prunable, frozen) group counts and frozen reasons by count from `analyze` (shapes it
-    cannot infer from `feeds`, as compress does); (None, {}) when the analysis itself fails."""
+def _groups(model: onnx.ModelProto, feeds: Feeds, side: Side) -> None:
+    """Set the (prunable, frozen) group counts and the frozen reasons by count of `side` from
+    `analyze` (shapes it cannot infer from `feeds`, as compress does); an analysis that fails
+    is noted in `side.analysis_error` (and its traceback kept unless it is a SpectralError)."""
     from onnx_spectral.analysis import analyze
     from onnx_spectral.errors import SpectralError
 
     try:
         analysis = analyze(model, shape_feeds=feeds)
-    except SpectralError:
-        return None, {}
+    except SpectralError as error:
+        side.analysis_error = first_line(error)
+        return
+    except Exception as error:  # a bug in the analysis
+        side.analysis_error = "INTERNAL ERROR " + first_line(error)
+        side.traceback += "analyze:\n" + traceback.format_exc()
+        return
     prunable = len(analysis.prunable)
     reasons = Counter(reason_kind(reason) for group in analysis.groups for reason in group.frozen)
-    return (prunable, len(analysis.groups) - prunable), dict(reasons.most_common())
+    side.groups = (prunable, len(analysis.groups) - prunable)
+    side.reasons = dict(reasons.most_common())
 
 
 def measure_spectral(loaded: Loaded, flops: float, calib: int, verify: int) -> Side:
@@ -183,7 +191,7 @@ def measure_spectral(loaded: Loaded, flops: float, calib: int, verify: int) -> S
         side.outcome, side.message = "INTERNAL ERROR", first_line(error)
         side.traceback = traceback.format_exc()
     side.seconds = time.perf_counter() - start
-    side.groups, side.reasons = _groups(loaded.model, loaded.calibration[0])
+    _groups(loaded.model, loaded.calibration[0], side)
     if side.outcome != "compressed":
         return side
     reasons = Counter(reason_kind(reason) for group in report.groups for reason in group.frozen)
@@ -257,14 +265,17 @@ def run_side(side: str, name: str, settings: Settings, scratch: Path) -> Side:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=limit + 60, check=False)
     except subprocess.TimeoutExpired:
-        return Side("timeout", f"no result after {limit + 60:.0f} s",
-                    seconds=time.perf_counter() - start)
-    if done.returncode != 0 or not out.is_file():
-        kind = "INTERNAL ERROR" if side == "spectral" else "failed"
+        result = Side("timeout", f"no result after {limit + 60:.0f} s",
+                      seconds=time.perf_counter() - start)
+    else:
+        if done.returncode == 0 and out.is_file():
+            return read_side(out)
         tail = done.stderr.strip().splitlines()[-1:] or [""]
-        return Side(kind, f"worker exit code {done.returncode}: {tail[0]}",
-                    done.stderr[-3000:], seconds=time.perf_counter() - start)
-    return read_side(out)
+        result = Side("INTERNAL ERROR" if side == "spectral" else "failed",
+                      f"worker exit code {done.returncode}: {tail[0]}", done.stderr[-3000:],
+                      seconds=time.perf_counter() - start)
+    out.write_text(json.dumps(asdict(result)))
+    return result
 
 
 def read_side(path: Path) -> Side:
@@ -317,7 +328,9 @@ def outcome_text(side: Side) -> str:
 
 def format_corpus_row(name: str, spectral: Side, onnxsim: Side) -> str:
     """One markdown table row (see CORPUS_HEADER)."""
-    groups = "-" if spectral.groups is None else f"{spectral.groups[0]} / {spectral.groups[1]}"
+    groups = ("-" if spectral.groups is None else f"{spectral.groups[0]} / {spectral.groups[1]}")
+    if spectral.analysis_error:
+        groups = f"analyze: {spectral.analysis_error}".replace("|", "/")[:200]
     reasons = "; ".join(f"{count} x {text}" for text, count in spectral.reasons.items())
     macs = "-"
     if spectral.macs:
@@ -360,7 +373,7 @@ def tracebacks(rows: list[tuple[str, Side, Side]]) -> str:
     """Every internal error's traceback, by model."""
     return "\n".join(f"--- {name}: {spectral.message}\n{spectral.traceback}"
                      for name, spectral, _ in rows
-                     if spectral.outcome in ("INTERNAL ERROR", "INVALID") or spectral.traceback)
+                     if spectral.traceback)
 
 
 if __name__ == "__main__":
