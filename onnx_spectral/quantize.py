@@ -26,6 +26,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from onnx_spectral.calibration.sources import FeedDict
@@ -39,6 +40,9 @@ QuantizeFormat = Literal["qdq", "qoperator"]
 _METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+_FLOAT_OPS = frozenset({"BatchNormalization", "Pad"})
+"""Left in float: the quantizer scales a BatchNormalization's 1-D weights along a missing axis 1
+(OpenVINO refuses the model), and neither op gains from int8 in ONNX Runtime."""
 
 
 class _Batches(CalibrationDataReader):
@@ -74,7 +78,7 @@ def quantize_int8(model: onnx.ModelProto, batches: Sequence[FeedDict], *,
                   per_channel: bool = True, exclude: Sequence[str] = ()) -> onnx.ModelProto:
     """`model` quantized to int8: uint8 activations calibrated on `batches` by `method`, int8
     weights (per output channel when `per_channel`), written as QDQ pairs or QLinear ops
-    (`fmt`); the nodes `exclude` stay float.
+    (`fmt`); the nodes `exclude`, BatchNormalization and Pad stay float.
 
     Raises OptionsError for an unknown excluded node or a model past 2 GiB, RewriteError when
     ONNX Runtime cannot quantize the model or `batches` is empty.
@@ -105,7 +109,9 @@ def _quantize(source: Path, prepared: Path, quantized: Path, reader: Calibration
               exclude: Sequence[str]) -> None:
     """Pre-process the model at `source` into `prepared`, quantize that into `quantized`."""
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    registry = QDQRegistry if fmt == "qdq" else QLinearOpsRegistry
     quantize_static(str(prepared), str(quantized), reader, quant_format=_FORMATS[fmt],
+                    op_types_to_quantize=sorted(set(registry) - _FLOAT_OPS),
                     per_channel=per_channel, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
                     calibrate_method=_METHODS[method],

@@ -150,3 +150,12 @@ def test_the_int8_model_is_the_float_model_quantized_on_the_first_batches() -> N
     assert written.graph.SerializeToString() == direct.graph.SerializeToString()
     fewer = quantize_int8(float_model, batches[:2])
     assert written.graph.SerializeToString() != fewer.graph.SerializeToString()
+
+
+def test_batch_normalization_stays_float() -> None:
+    model, _ = compress(graphs.conv_sandwich(graphs.relu_batchnorm), _data(), ratio=0.5,
+                        quantize="int8", **FAST)
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
+    [norm] = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    assert all(producers.get(name) != "DequantizeLinear" for name in norm.input[1:])
+    assert _weight_of(model, "conv2")[1] is not None

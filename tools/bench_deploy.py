@@ -9,7 +9,7 @@ stage is the float model), scores the task metric of all three models (MNIST tes
 CREPE raw pitch accuracy on fresh tones), then runs every model in every runtime:
 
 - outputs equal?: the largest absolute difference from the same model in ONNX Runtime, and
-  whether it is within `--atol` (float) or one quantization step's worth (`--atol-int8`);
+  whether it is within `--atol` (float) or `--atol-int8` times the largest |output|;
 - latency at batch 32 (`--batch`), with `--threads` intra-op threads everywhere; the runs of all
   models and runtimes are interleaved round by round (side by side), and each figure is the
   median over `--rounds` rounds, as a ratio to the original float model in ONNX Runtime.
@@ -211,8 +211,9 @@ def measure(task: Task, folder: Path, threads: int, rounds: int, batch: int,
     cells = []
     for (model, runtime), run in runners.items():
         diff = float(np.max(np.abs(run_batched(run, test, batch) - reference[model])))
+        scale = float(np.max(np.abs(reference[model])))
         cells.append(Cell(task.name, model, runtime, diff,
-                          diff <= (atol_int8 if model == "int8" else atol),
+                          diff <= (atol_int8 if model == "int8" else atol) * scale,
                           seconds[f"{model}/{runtime}"], seconds[f"{model}/{runtime}"] / base))
     return cells, metrics
 
@@ -240,9 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--atol", type=float, default=1e-4,
-                        help="float models: largest accepted |difference| from ONNX Runtime")
+                        help="float models: largest accepted |difference| from ONNX Runtime, "
+                        "as a share of the largest |output|")
     parser.add_argument("--atol-int8", type=float, default=0.05,
-                        help="int8 models: runtimes may round requantization differently")
+                        help="the same for int8 models: runtimes may round requantization "
+                        "differently")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     cells: list[Cell] = []
