@@ -49,6 +49,8 @@ def ort_runner(path: Path, threads: int) -> Runner:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # idle threads that spin after a run would starve the next runner of the interleaved timing
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: np.asarray(session.run(None, {name: batch})[0])
