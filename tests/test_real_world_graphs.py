@@ -293,3 +293,33 @@ def test_quantized_activation_freezes_the_group_it_reads() -> None:
     analysis = analyze(_qdq_model(activation_qdq=True))
     assert _group_of(analysis.groups, "conv0").frozen == (
         "quantized: QuantizeLinear node 'q_act' reads it",)
+
+
+def test_lost_shapes_are_filled_with_a_scalar_input_fed_as_it_is() -> None:
+    """A scalar input (a sample rate, a threshold) is fed whole, not cut to one sample."""
+    model = _lost_shape_model()
+    scale = helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])
+    model.graph.input.append(scale)
+    x_use = next(node for node in model.graph.node if node.name == "conv1")
+    model.graph.node.insert(0, helper.make_node("Mul", ["x", "scale"], ["x_scaled"],
+                                                name="scale_x"))
+    x_use.input[0] = "x_scaled"
+    normalized = normalize(model)
+    filled = fill_missing_shapes(normalized, {**_x(3), "scale": np.array(2.0, np.float32)})
+    assert "reshape" in filled and missing_shapes(normalized) == ()
+
+
+def test_integer_linear_layers_refuse_a_budget_naming_them() -> None:
+    """x -> ConvInteger 'qconv' -> Cast -> y: no float MACs to keep a share of."""
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 2, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])
+    weight = numpy_helper.from_array(np.ones((3, 2, 1, 1), np.uint8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("ConvInteger", ["x", "w"], ["acc"], name="qconv"),
+         helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT, name="cast")],
+        "integer", [x], [y], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = {"x": np.ones((8, 2, 4, 4), np.uint8)}
+    with pytest.raises(UnsupportedGraphError, match="integer .quantized. ops, kept whole: "
+                                                    "ConvInteger 'qconv'"):
+        compress(model, data, flops=0.5, calib_samples=6, verify_samples=2, provider="cpu")

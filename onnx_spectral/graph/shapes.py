@@ -95,7 +95,7 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
     missing = missing_shapes(model)
     if not missing:
         return ()
-    single = {name: np.asarray(value)[:1] for name, value in feeds.items()}
+    single = {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}
     observed = _run(model, single, missing)
     doubled = _doubled(model, single)
     twice = observed_shapes(model, doubled, missing) if doubled is not None else {}
@@ -110,6 +110,11 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
         else:
             model.graph.value_info.append(filled)
     return missing
+
+
+def _first_sample(value: np.ndarray) -> np.ndarray:
+    """The first sample of a batched feed ([1, ...]); a scalar feed (rank 0) as it is."""
+    return value[:1] if value.ndim else value
 
 
 def _doubled(model: onnx.ModelProto, single: Feeds) -> dict[str, np.ndarray] | None:

@@ -9,6 +9,11 @@ from onnx_spectral.selection.group_cost import GroupCosts, group_costs
 from onnx_spectral.selection.plan import PlanOptions
 from onnx_spectral.selection.widths import check_budget
 
+_INTEGER_LINEAR_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+                                 "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                                 "MatMulIntegerToFloat", "QGemm"})
+"""Quantized linear ops: their weights are integers, so no MAC or float weight is counted."""
+
 BUDGET_TOLERANCE = 0.005
 """Share of the full cost by which a compressed model may exceed its flops/params budget."""
 
@@ -45,6 +50,13 @@ def budget_costs(analysis: Analysis, cost: ModelCost, plan_options: PlanOptions,
         raise OptionsError(f"{name} {fraction}: the MACs are not known at the shape the model "
                            f"runs at: {cost.missing_shape_text()}")
     if (cost.macs if flops else cost.params) <= 0:
+        integer = [f"{node.op_type} '{node.name}'" for node in analysis.graph.nodes
+                   if node.op_type in _INTEGER_LINEAR_OPS]
+        if integer:
+            raise UnsupportedGraphError(
+                f"{name} {fraction} cannot be met: the model's linear layers are integer "
+                f"(quantized) ops, kept whole: {', '.join(integer[:3])}"
+                f"{' ...' if len(integer) > 3 else ''}; prune the float model, then quantize")
         raise OptionsError(f"{name} {fraction}: the model has no {what} to keep a share of "
                            "(no Conv/Gemm/MatMul layer or floating-point weight is counted)")
     if not analysis.prunable and fraction == 1.0 and require_prunable:
