@@ -215,3 +215,22 @@ def test_automatic_rounding_keeps_multiples_of_eight_from_thirty_two_up() -> Non
                                                              np.linspace(1, 0, 33)], round_to=0)
         assert (widths[0] < 32) == small
         assert widths[0] < 32 or widths[0] % 8 == 0
+
+
+def test_batched_costs_equal_the_single_evaluations_exactly() -> None:
+    """`CostModel.costs` gives bit for bit what `CostModel.__call__` gives, row by row: the
+    greedy allocation compares these numbers, so a last-digit difference could change a width."""
+    rng = np.random.default_rng(7)
+    sizes = np.array([16, 48, 64, 9])
+    terms = []
+    for _ in range(12):
+        depth = int(rng.integers(1, 4))
+        shrink = np.zeros((depth, len(sizes)))
+        for axis in range(depth):
+            shrink[axis, rng.integers(len(sizes))] = float(rng.integers(1, 10))
+        dims = np.array([float(shrink[axis] @ sizes) + rng.integers(0, 5) for axis in range(depth)])
+        terms.append(CostTerm(float(rng.uniform(0.1, 9.0)), dims, shrink))
+    cost = CostModel(sizes, 3.25, tuple(terms))
+    widths = np.stack([rng.integers(1, sizes + 1) for _ in range(20)])
+    assert cost.costs(widths).tolist() == [cost(row) for row in widths]
+    assert CostModel(sizes, 2.0, ()).costs(widths[:3]).tolist() == [2.0, 2.0, 2.0]

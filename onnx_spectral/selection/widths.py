@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -80,6 +81,29 @@ class CostModel:
     def full(self) -> float:
         """Cost at full width."""
         return self(self.sizes)
+
+    @cached_property
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The terms as arrays: scales ``[T]``, dims ``[T, D]`` and shrink ``[T, D, G]``, axes
+        padded to the longest term with length 1 and no shrink."""
+        depth = max((len(term.dims) for term in self.terms), default=0)
+        dims = np.ones((len(self.terms), depth))
+        shrink = np.zeros((len(self.terms), depth, len(self.sizes)))
+        for index, term in enumerate(self.terms):
+            dims[index, :len(term.dims)] = term.dims
+            shrink[index, :len(term.dims)] = term.shrink
+        return np.array([term.scale for term in self.terms], dtype=np.float64), dims, shrink
+
+    def costs(self, widths: np.ndarray) -> np.ndarray:
+        """Cost at each row of ``widths`` ([C, G]) at once: float64 ``[C]``, each value what
+        ``self(row)`` gives (products and the sum over terms taken in the same order)."""
+        scales, dims, shrink = self._stacked
+        removed = self.sizes[None, :] - np.asarray(widths, dtype=np.float64)
+        lengths = dims[None] - np.einsum("tdg,cg->ctd", shrink, removed)
+        values = scales[None] * np.prod(np.maximum(lengths, 0.0), axis=2)
+        if not self.terms:
+            return np.full(len(removed), self.constant)
+        return self.constant + np.add.accumulate(values, axis=1)[:, -1]
 
 
 #: Automatic width rounding (`round_to` 0): groups of at least AUTO_ROUND_MIN channels keep a
@@ -257,16 +281,17 @@ def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray]
     _check_budget(cost, budget, widths)
     current = cost(widths)
     while True:
+        growing = np.flatnonzero(widths < sizes).tolist()
+        grown = np.repeat(widths[None], len(growing), axis=0)  # [C, G]: one group grown a row
+        for row, g in enumerate(growing):
+            grown[row, g] = round_width(int(sizes[g]), widths[g] + 1, round_to, min_keep)
+        added_costs = cost.costs(grown)
         best, best_rate, best_cost = -1, -np.inf, current
-        for g, curve in enumerate(curves):
-            if widths[g] >= sizes[g]:
-                continue
-            grown = widths.copy()
-            grown[g] = round_width(int(sizes[g]), widths[g] + 1, round_to, min_keep)
-            added = cost(grown)
+        for row, g in enumerate(growing):
+            added = float(added_costs[row])
             if added > budget:
                 continue
-            gain = float(curve[widths[g]] - curve[grown[g]])
+            gain = float(curves[g][widths[g]] - curves[g][grown[row, g]])
             rate = np.inf if added <= current else gain / (added - current)
             if rate > best_rate:
                 best, best_rate, best_cost = g, rate, added
