@@ -1,6 +1,6 @@
 """Bad input through the CLI: one error line, the documented exit code, nothing written.
 
-Exit codes (README "Reliability"): 2 bad arguments, 3 unreadable or invalid model, 4 data that
+Exit codes (README "Exit codes"): 2 bad arguments, 3 unreadable or invalid model, 4 data that
 does not fit, 5 safety check failed, 6 nothing prunable, 7 out of memory, 1 internal error,
 130 interrupted.
 """
