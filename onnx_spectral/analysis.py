@@ -32,6 +32,7 @@ from onnx_spectral.graph.model import GraphIndex, InitializerInputs, normalize
 from onnx_spectral.graph.shapes import fill_missing_shapes, missing_shapes
 from onnx_spectral.graph.subgraphs import outer_scope_names
 from onnx_spectral.ops import handler_for
+from onnx_spectral.ops.attention import find_attention, merge_heads
 from onnx_spectral.ops.base import ChannelState, Member, Plain, Role, SinkUse
 
 
@@ -67,6 +68,15 @@ class ChannelGroup:
     parts: tuple[Part, ...] = ()
     """For a derived group (Concat, Split), its base parts in channel order; empty for a base
     group, which is selected on its own."""
+    block: int = 1
+    """Channels are kept in whole consecutive blocks of this size (an attention head's D)."""
+    scaled: tuple[str, ...] = ()
+    """Nodes without weights whose MACs scale with the channels kept (attention MatMuls)."""
+
+    @property
+    def heads(self) -> int | None:
+        """The number of attention heads of a head group, None for a channel group."""
+        return self.channels // self.block if self.block > 1 else None
 
     @property
     def prunable(self) -> bool:
@@ -106,6 +116,8 @@ class _GroupRecord:
     tensors: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)
+    block: int = 1
+    scaled: list[str] = field(default_factory=list)
 
 
 class _Context:
@@ -156,7 +168,18 @@ class _Context:
         kept.sinks += merged.sinks
         kept.tensors += merged.tensors
         kept.frozen += merged.frozen
+        kept.scaled += merged.scaled
+        self._merge_block(kept, merged.block, tensor)
         return keep
+
+    @staticmethod
+    def _merge_block(record: _GroupRecord, block: int, tensor: str) -> None:
+        if block == 1 or block == record.block:
+            return
+        if record.block != 1:
+            record.frozen.append(f"attention heads of {record.block} and {block} channels meet "
+                                 f"at '{tensor}'")
+        record.block = block
 
     def new_derived(self, parts: list[tuple[int | None, int]], tensor: str, axis: int,
                     rank: int) -> int:
@@ -205,6 +228,18 @@ class _Context:
     def add_sink(self, group: int, sink: SinkUse) -> None:
         self._records[self.find(group)].sinks.append(sink)
 
+    def channels(self, group: int) -> int:
+        return self._records[self.find(group)].channels
+
+    def set_block(self, group: int, block: int) -> None:
+        record = self._records[self.find(group)]
+        self._merge_block(record, block, record.tensors[-1] if record.tensors else "")
+        if record.channels % block:
+            self.freeze(group, f"{record.channels} channels are not whole heads of {block}")
+
+    def add_scaled(self, group: int, nodes: tuple[str, ...]) -> None:
+        self._records[self.find(group)].scaled.extend(nodes)
+
     def _flat_parts(self, group: int, base: int = 0) -> list[Part]:
         """The base parts of a derived group, nested derived parts expanded."""
         flat: list[Part] = []
@@ -247,6 +282,8 @@ class _Context:
                 tensors=tuple(dict.fromkeys(record.tensors)),
                 frozen=tuple(frozen[group_id]),
                 parts=tuple(parts.get(group_id, ())),
+                block=record.block,
+                scaled=tuple(dict.fromkeys(record.scaled)),
             ))
         return tuple(groups)
 
@@ -289,9 +326,17 @@ def analyze(model: onnx.ModelProto, exclude: Iterable[str] = (), *,
                            "`onnx-spectral analyze` lists the producer node names")
     ctx = _Context(graph)
     kept_layers: list[str] = []
+    blocks = find_attention(graph)
+    head_splits = {name for block in blocks for name in block.splits}
+    head_merges = {block.merge: block for block in blocks}
     for node in graph.nodes:
         _freeze_all(ctx, outer_scope_names(node),
                     f"used inside a subgraph of {node.op_type} node '{node.name}'")
+        if node.name in head_splits:
+            continue  # the merge Reshape of its attention block couples the heads
+        if node.name in head_merges:
+            merge_heads(head_merges[node.name], ctx)
+            continue
         barrier = _quantized_weight(graph, node)
         handler = handler_for(node.op_type, node.domain)
         if barrier is None and handler is not None:

@@ -141,6 +141,16 @@ class AnalysisContext(Protocol):
 
     def add_sink(self, group: int, sink: SinkUse) -> None: ...
 
+    def channels(self, group: int) -> int:
+        """The channel count of a group."""
+
+    def set_block(self, group: int, block: int) -> None:
+        """Channels of the group are removed only in whole consecutive blocks of `block`
+        (attention heads); a conflicting block freezes the group."""
+
+    def add_scaled(self, group: int, nodes: tuple[str, ...]) -> None:
+        """Nodes without weights whose MACs scale with the channels the group keeps."""
+
 
 class Editor(Protocol):
     """Edits a copy of the model during the rewrite; reads see earlier edits."""

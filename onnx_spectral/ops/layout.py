@@ -9,7 +9,7 @@ order, the tensor is `Plain` again; otherwise it stays `Mapped` and only a flatt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -148,10 +148,65 @@ def scaled_shape_entry(node: onnx.NodeProto, arrays_out: IndexArrays, shape_valu
     return axis
 
 
-def rewritten_shape(shape_value: np.ndarray, entry: int, channels: int, kept: int) -> np.ndarray:
-    """A Reshape target with entry `entry` scaled from `channels` to `kept` channels."""
-    new = shape_value.copy()
-    new[entry] = shape_value[entry] // channels * kept
+def shape_entries(graph: GraphIndex, reshape: onnx.NodeProto) -> list[int | None] | None:
+    """The entries of a Reshape's target shape: constants as ints, computed ones as None.
+
+    The target is a constant, or a Concat of 1-D pieces (constants or computed); None when its
+    length cannot be told.
+    """
+    target = graph.constant(reshape.input[1])
+    if target is not None:
+        return [int(v) for v in target]
+    entries: list[int | None] = []
+    for _, piece, index in _pieces(graph, reshape):
+        value = graph.constant(piece)
+        entries.append(None if value is None else int(value.reshape(-1)[index]))
+    return entries if entries else None
+
+
+def _pieces(graph: GraphIndex, reshape: onnx.NodeProto) -> Iterator[tuple[int, str, int]]:
+    """(Concat input position, piece tensor, index in the piece) of each target entry of a
+    Reshape whose target is a Concat of 1-D pieces; nothing when it is not."""
+    concat = graph.producers.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat":
+        return
+    lengths = []
+    for piece in concat.input:
+        value = graph.constant(piece)
+        shape = graph.shapes.get(piece) if value is None else value.shape
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return
+        lengths.append(int(shape[0]))
+    for position, (piece, length) in enumerate(zip(concat.input, lengths, strict=True)):
+        for index in range(length):
+            yield position, piece, index
+
+
+def entry_source(graph: GraphIndex, reshape: onnx.NodeProto, entry: int
+                 ) -> tuple[onnx.NodeProto, int, int]:
+    """Where the constant of target entry `entry` of a Reshape lives: (node, input position,
+    index in that constant): the Reshape's own target, or a constant piece of the Concat that
+    computes it. Raises ValueError when the entry is computed."""
+    if graph.constant(reshape.input[1]) is not None:
+        return reshape, 1, entry
+    pieces = list(_pieces(graph, reshape))
+    if entry >= len(pieces) or graph.constant(pieces[entry][1]) is None:
+        raise ValueError(f"entry {entry} of the target shape of Reshape '{reshape.name}' is "
+                         "computed, not a constant")
+    position, _, index = pieces[entry]
+    return graph.producers[reshape.input[1]], position, index
+
+
+def scaled_entry(value: np.ndarray, index: int, channels: int, kept: int) -> np.ndarray:
+    """`value` with element `index` scaled from `channels` to `kept` channels (a head count or
+    a width); ValueError when it does not scale to a whole number."""
+    new = np.array(value, copy=True)
+    flat = new.reshape(-1)
+    scaled, remainder = divmod(int(flat[index]) * kept, channels)
+    if remainder:
+        raise ValueError(f"shape entry {int(flat[index])} does not scale from {channels} to "
+                         f"{kept} channels")
+    flat[index] = scaled
     return new
 
 
@@ -265,7 +320,8 @@ class LayoutHandler(NoWeights):
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
-        shape_value = editor.input_value(node, 1)
-        assert shape_value is not None
-        editor.set_input_value(node, 1,
-                               rewritten_shape(shape_value, member.axis, channels, kept.size))
+        source, position, index = entry_source(editor.graph, node, member.axis)
+        value = editor.input_value(source, position)
+        assert value is not None
+        editor.set_input_value(source, position,
+                               scaled_entry(value, index, channels, kept.size))

@@ -49,13 +49,14 @@ class _ShapeEditor:
 
 
 def _probe(graph: GraphIndex, group: ChannelGroup) -> dict[tuple[str, int], tuple[int, ...]]:
-    """Shapes of the constants the rewrite edits when `group` drops its last channel."""
+    """Shapes of the constants the rewrite edits when `group` drops its last channel (its last
+    block, for a head group)."""
     editor = _ShapeEditor(graph)
-    kept = np.arange(group.channels - 1, dtype=np.int64)
+    kept = np.arange(group.channels - group.block, dtype=np.int64)
     for member in group.members:
         node = graph.nodes_by_name[member.node]
         require_handler(node).slice(node, member, kept, group.channels, editor)
-    dropping = np.eye(group.channels)[:, : group.channels - 1]
+    dropping = np.eye(group.channels)[:, : kept.size]
     for tap in group.taps:
         for sink in tap.sinks:
             node = graph.nodes_by_name[sink.node]
@@ -87,7 +88,7 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
         # a Concat/Split group loses one channel per channel of each of its base parts
         columns = ([column[part] for part, _, _ in group.parts if part in column]
                    if group.parts else [column[group.id]])
-        if group.channels < 2 or not columns:
+        if group.channels <= group.block or not columns:
             continue
         for key, shape in _probe(graph, group).items():
             node = graph.nodes_by_name[key[0]]
@@ -97,7 +98,8 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             if key not in shrink:
                 shrink[key] = np.zeros((original.ndim, len(groups)))
             if len(shape) == original.ndim:
-                shrink[key][:, columns] += (np.array(original.shape) - np.array(shape))[:, None]
+                shrink[key][:, columns] += ((np.array(original.shape) - np.array(shape))
+                                            / group.block)[:, None]
     param_terms, mac_terms = [], []
     varying_params = 0
     seen: set[str] = set()
@@ -117,9 +119,25 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             share = layer.weight_mac_share(node, original)
             scale = cost.macs_by_node[node_name] * share / max(original.size, 1)
             mac_terms.append(CostTerm(scale, dims, table))
+    mac_terms += _scaled_terms(groups, cost)
     varying_macs = sum(term.scale * float(np.prod(term.dims)) for term in mac_terms)
+    blocks = np.array([group.block for group in groups], dtype=np.int64)
     return GroupCosts(
         groups=groups,
-        macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms)),
-        params=CostModel(sizes, float(cost.params - varying_params), tuple(param_terms)),
+        macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms), blocks),
+        params=CostModel(sizes, float(cost.params - varying_params), tuple(param_terms), blocks),
     )
+
+
+def _scaled_terms(groups: tuple[ChannelGroup, ...], cost: ModelCost) -> list[CostTerm]:
+    """MACs of weightless nodes that scale with a group's width (attention score and context
+    MatMuls: one head's share per head kept)."""
+    terms = []
+    for column, group in enumerate(groups):
+        for name in group.scaled:
+            if cost.macs_by_node.get(name):
+                shrink = np.zeros((1, len(groups)))
+                shrink[0, column] = 1.0
+                terms.append(CostTerm(cost.macs_by_node[name] / group.channels,
+                                      np.array([float(group.channels)]), shrink))
+    return terms

@@ -23,6 +23,7 @@ from onnx_spectral.ops import require_handler
 from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
 from onnx_spectral.selection.cross_select import cross_greedy_select
 from onnx_spectral.selection.group_cost import GroupCosts
+from onnx_spectral.selection.heads import greedy_select_blocks
 from onnx_spectral.selection.moments import (
     CrossMoments,
     affine_cross_reconstruction,
@@ -136,22 +137,35 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
 
 
-def _l1_kept(analysis: Analysis, group: ChannelGroup, width: int) -> np.ndarray:
+def _l1_order(analysis: Analysis, group: ChannelGroup) -> np.ndarray:
+    """[m / block] blocks (channels, for a channel group) by decreasing producer L1 norm."""
     graph = analysis.graph
     norms = np.zeros(group.channels)
     for producer in group.producers:
         node = graph.nodes_by_name[producer]
         rows = require_handler(node).output_rows(node, graph).astype(np.float64)
         norms += np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
-    return l1_norm_order(norms[:, None])[:width]
+    return l1_norm_order(norms.reshape(-1, group.block))
 
 
 def _baseline_kept(analysis: Analysis, group: ChannelGroup, width: int,
                    selection: Selection) -> np.ndarray:
-    """L1-norm channels, or random ones (seeded by the group id) for the random baseline."""
+    """L1-norm channels (or heads), or random ones (seeded by the group id) for the random
+    baseline."""
+    blocks = group.channels // group.block
     if selection == "random":
-        return np.random.default_rng(group.id).choice(group.channels, width, replace=False)
-    return _l1_kept(analysis, group, width)
+        order = np.random.default_rng(group.id).permutation(blocks)
+    else:
+        order = _l1_order(analysis, group)
+    chosen = order[: width // group.block]
+    return (chosen[:, None] * group.block + np.arange(group.block)).reshape(-1)
+
+
+def _greedy(problems: Sequence[TapProblem], group: ChannelGroup, width: int) -> GreedyPath:
+    """The greedy path of `width` channels: whole heads for a head group."""
+    if group.block > 1:
+        return greedy_select_blocks(problems, group.block, width)
+    return greedy_select(problems, width)
 
 
 def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
@@ -217,7 +231,8 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
     paths: dict[int, GreedyPath] = {}
     if not options.budgeted:
         return np.array([round_width(g.channels, options.ratio * g.channels, options.round_to,
-                                     options.min_keep) for g in groups], dtype=np.int64), paths
+                                     options.min_keep, g.block) for g in groups],
+                        dtype=np.int64), paths
     assert costs is not None
     model = costs.macs if options.flops is not None else costs.params
     fraction = options.flops if options.flops is not None else options.params
@@ -236,7 +251,7 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
         problems = (group_problems(analysis, group, statistics, options)
                     + _window_problems(analysis, group, statistics, options,
                                        windows.get(group.id, ())))
-        path = greedy_select(problems, group.channels)
+        path = _greedy(problems, group, group.channels)
         paths[group.id] = path
         curves.append(path.losses / max(path.losses[0], np.finfo(np.float64).tiny))
     return allocate_greedy(model, budget, curves, *steps), paths
@@ -257,7 +272,8 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     channels join its own taps in the selection (their reconstruction is the derived group's).
     """
     if width is None:
-        width = round_width(group.channels, options.ratio * group.channels, options.round_to, 1)
+        width = round_width(group.channels, options.ratio * group.channels, options.round_to, 1,
+                            group.block)
     if width == group.channels and compensation is None:
         kept = np.arange(group.channels)  # nothing is dropped: nothing to reconstruct (exact)
         identity = _dropping(group.channels, kept)
@@ -271,7 +287,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     problems = group_problems(analysis, group, statistics, options)
     curve = None
     if options.selection == "spectral" and compensation is not None and \
-            options.cross_selection:
+            options.cross_selection and group.block == 1:
         kept = np.sort(cross_greedy_select(
             [(compensation[tap.tensor].second, compensation[tap.tensor].cross, problem.weight,
               default_ridge(compensation[tap.tensor].second, options.rho))
@@ -281,7 +297,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     elif options.selection == "spectral":
         if path is None or path.order.size < width:
             windowed = _window_problems(analysis, group, statistics, options, windows)
-            path = greedy_select(problems + windowed, width)
+            path = _greedy(problems + windowed, group, width)
         kept = np.sort(path.order[:width])
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:

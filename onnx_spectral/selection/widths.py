@@ -71,6 +71,11 @@ class CostModel:
     sizes: np.ndarray
     constant: float
     terms: tuple[CostTerm, ...]
+    blocks: np.ndarray | None = None
+    """int64 ``[G]``: a group's width is a multiple of its block (attention heads); None: 1."""
+
+    def block(self, group: int) -> int:
+        return 1 if self.blocks is None else int(self.blocks[group])
 
     def __call__(self, widths: Sequence[int] | np.ndarray) -> float:
         """Cost at ``widths`` ([G])."""
@@ -134,14 +139,15 @@ def round_step(m: int, round_to: int, width: int) -> int:
     return AUTO_ROUND_TO if m >= AUTO_ROUND_MIN and width >= AUTO_ROUND_FROM else 1
 
 
-def round_width(m: int, width: float, round_to: int, min_keep: int) -> int:
+def round_width(m: int, width: float, round_to: int, min_keep: int, block: int = 1) -> int:
     """``ceil(width)`` rounded up to a multiple of ``round_step(m, round_to)``, clipped to
-    ``[min(min_keep, m), m]``.
+    ``[min(min_keep, m), m]``. A group of blocks (attention heads of ``block`` channels) keeps
+    whole blocks, at least one, whatever ``round_to`` says.
 
     A ``1e-9`` tolerance keeps ``ceil(3.0000000001)`` at 3.
     """
     rounded = max(math.ceil(width - 1e-9), min(max(min_keep, 1), m))
-    step = round_step(m, round_to, rounded)
+    step = block if block > 1 else round_step(m, round_to, rounded)
     rounded = -(-rounded // step) * step
     return int(min(rounded, m))
 
@@ -156,14 +162,15 @@ def _check(sizes: np.ndarray, round_to: int, min_keep: int) -> None:
 
 
 def uniform_widths(sizes: Sequence[int] | np.ndarray, ratio: float, round_to: int = 1,
-                   min_keep: int = 1) -> np.ndarray:
-    """``ceil(ratio * m)`` per group, rounded; int64 ``[G]``."""
+                   min_keep: int = 1, blocks: np.ndarray | None = None) -> np.ndarray:
+    """``ceil(ratio * m)`` per group, rounded (to whole `blocks` where given); int64 ``[G]``."""
     m = np.asarray(sizes, dtype=np.int64)
     _check(m, round_to, min_keep)
     if not 0.0 <= ratio <= 1.0:
         raise OptionsError(f"ratio must lie in [0, 1], got {ratio!r}")
-    return np.array([round_width(int(size), ratio * size, round_to, min_keep) for size in m],
-                    dtype=np.int64)
+    steps = np.ones_like(m) if blocks is None else blocks
+    return np.array([round_width(int(size), ratio * size, round_to, min_keep, int(block))
+                     for size, block in zip(m, steps, strict=True)], dtype=np.int64)
 
 
 def normalized_spectrum(sigma: np.ndarray) -> np.ndarray:
@@ -183,12 +190,14 @@ def degrees_of_freedom(spectrum: np.ndarray, lam: float) -> float:
 
 
 def dof_widths(spectra: Sequence[np.ndarray], lam: float, round_to: int = 1,
-               min_keep: int = 1) -> np.ndarray:
-    """``ceil(N_g(lambda))`` per group, rounded; int64 ``[G]``."""
+               min_keep: int = 1, blocks: np.ndarray | None = None) -> np.ndarray:
+    """``ceil(N_g(lambda))`` per group, rounded (to whole `blocks` where given); int64 ``[G]``."""
     sizes = np.array([len(mu) for mu in spectra], dtype=np.int64)
     _check(sizes, round_to, min_keep)
-    return np.array([round_width(len(mu), degrees_of_freedom(mu, lam), round_to, min_keep)
-                     for mu in spectra], dtype=np.int64)
+    steps = np.ones_like(sizes) if blocks is None else blocks
+    return np.array([round_width(len(mu), degrees_of_freedom(mu, lam), round_to, min_keep,
+                                 int(block)) for mu, block in zip(spectra, steps, strict=True)],
+                    dtype=np.int64)
 
 
 def _bisect(widths_at: Callable[[float], np.ndarray], cost: CostModel, budget: float,
@@ -210,8 +219,9 @@ def _bisect(widths_at: Callable[[float], np.ndarray], cost: CostModel, budget: f
     return best
 
 
-def _minimum(sizes: np.ndarray, round_to: int, min_keep: int) -> np.ndarray:
-    return np.array([round_width(int(m), 0.0, round_to, min_keep) for m in sizes], dtype=np.int64)
+def _minimum(cost: CostModel, round_to: int, min_keep: int) -> np.ndarray:
+    return np.array([round_width(int(m), 0.0, round_to, min_keep, cost.block(g))
+                     for g, m in enumerate(cost.sizes)], dtype=np.int64)
 
 
 def _check_budget(cost: CostModel, budget: float, floor: np.ndarray,
@@ -234,29 +244,29 @@ def check_budget(cost: CostModel, fraction: float, round_to: int = 1, min_keep: 
     """Raise OptionsError when no widths keep at most `fraction` of ``cost.full`` (`name`:
     the option, for the message)."""
     _check(cost.sizes, round_to, min_keep)
-    _check_budget(cost, fraction * cost.full, _minimum(cost.sizes, round_to, min_keep), name)
+    _check_budget(cost, fraction * cost.full, _minimum(cost, round_to, min_keep), name)
 
 
 def allocate_uniform(cost: CostModel, budget: float, round_to: int = 1,
                      min_keep: int = 1) -> np.ndarray:
     """Uniform widths of largest cost <= ``budget``; int64 ``[G]``."""
     sizes = cost.sizes
-    floor = _minimum(sizes, round_to, min_keep)
+    floor = _minimum(cost, round_to, min_keep)
     _check_budget(cost, budget, floor)
-    return _bisect(lambda r: uniform_widths(sizes, r, round_to, min_keep), cost, budget,
-                   0.0, 1.0)
+    return _bisect(lambda r: uniform_widths(sizes, r, round_to, min_keep, cost.blocks), cost,
+                   budget, 0.0, 1.0)
 
 
 def allocate_dof(cost: CostModel, budget: float, spectra: Sequence[np.ndarray],
                  round_to: int = 1, min_keep: int = 1) -> np.ndarray:
     """Degrees-of-freedom widths, one global ``lambda`` by bisection (in ``-log lambda``)."""
-    floor = _minimum(cost.sizes, round_to, min_keep)
+    floor = _minimum(cost, round_to, min_keep)
     _check_budget(cost, budget, floor)
     if [len(mu) for mu in spectra] != cost.sizes.tolist():
         raise OptionsError("one spectrum per group, of the group's size, is needed for dof")
     # N(lambda) grows as lambda shrinks: search t = -log10(lambda) from 12 (N ~ 0) to -30.
-    return _bisect(lambda t: dof_widths(spectra, 10.0 ** -t, round_to, min_keep), cost, budget,
-                   -12.0, 30.0)
+    return _bisect(lambda t: dof_widths(spectra, 10.0 ** -t, round_to, min_keep, cost.blocks),
+                   cost, budget, -12.0, 30.0)
 
 
 def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray],
@@ -277,14 +287,15 @@ def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray]
     sizes = cost.sizes
     if [len(curve) - 1 for curve in curves] != sizes.tolist():
         raise OptionsError("one loss curve of length m + 1 per group is needed for greedy")
-    widths = _minimum(sizes, round_to, min_keep)
+    widths = _minimum(cost, round_to, min_keep)
     _check_budget(cost, budget, widths)
     current = cost(widths)
     while True:
         growing = np.flatnonzero(widths < sizes).tolist()
         grown = np.repeat(widths[None], len(growing), axis=0)  # [C, G]: one group grown a row
         for row, g in enumerate(growing):
-            grown[row, g] = round_width(int(sizes[g]), widths[g] + 1, round_to, min_keep)
+            grown[row, g] = round_width(int(sizes[g]), widths[g] + 1, round_to, min_keep,
+                                        cost.block(g))
         added_costs = cost.costs(grown)
         best, best_rate, best_cost = -1, -np.inf, current
         for row, g in enumerate(growing):
@@ -297,5 +308,5 @@ def allocate_greedy(cost: CostModel, budget: float, curves: Sequence[np.ndarray]
                 best, best_rate, best_cost = g, rate, added
         if best < 0:
             return widths
-        widths[best] = round_width(int(sizes[best]), widths[best] + 1, round_to, min_keep)
+        widths[best] = grown[growing.index(best), best]
         current = best_cost
