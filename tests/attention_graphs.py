@@ -86,3 +86,28 @@ def attention_feeds(samples: int, seq: int = 5, seed: int = 1) -> dict[str, np.n
     mask[: samples // 2, ..., -1] = -10000.0
     return {"x": rng.standard_normal((samples, seq, CHANNELS)).astype(np.float32),
             "mask": mask}
+
+
+def fused_attention_block(seed: int = 0) -> onnx.ModelProto:
+    """The block as ONNX Runtime's transformer optimizer fuses it:
+
+        x [N,S,C] -> com.microsoft Attention 'attention' (packed QKV [C,3C], num_heads H)
+        -> MatMul+Add 'dense' -> Add x -> LayerNormalization -> y
+    """
+    b = GraphBuilder(seed)
+    weight = b.random("qkv_w", (CHANNELS, 3 * CHANNELS), fan_in=CHANNELS)
+    bias = b.random("qkv_b", (3 * CHANNELS,), fan_in=4)
+    b.nodes.append(onnx.helper.make_node("Attention", ["x", weight, bias], ["attention"],
+                                         name="attention", domain="com.microsoft",
+                                         num_heads=HEADS))
+    dense = _linear(b, "attention", "dense")
+    residual = b.node("Add", [dense, "x"], "residual")
+    b.node("LayerNormalization", [residual, b.const("gamma", np.ones(CHANNELS, np.float32)),
+                                  b.const("beta", np.zeros(CHANNELS, np.float32))], "y", axis=-1)
+    graph = onnx.helper.make_graph(
+        b.nodes, "fused",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "S", CHANNELS])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", "S", CHANNELS])],
+        b.initializers)
+    return onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", b.opset), onnx.helper.make_opsetid("com.microsoft", 1)])

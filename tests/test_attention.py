@@ -14,7 +14,14 @@ from onnx_spectral.ops.attention import find_attention
 from onnx_spectral.selection.heads import greedy_select_blocks
 from onnx_spectral.selection.spectral import TapProblem, information_loss
 from onnx_spectral.selection.widths import round_width
-from tests.attention_graphs import CHANNELS, HEAD_SIZE, HEADS, attention_block, attention_feeds
+from tests.attention_graphs import (
+    CHANNELS,
+    HEAD_SIZE,
+    HEADS,
+    attention_block,
+    attention_feeds,
+    fused_attention_block,
+)
 
 
 @pytest.mark.parametrize("constant_targets", [False, True])
@@ -102,3 +109,17 @@ def test_head_widths_round_to_whole_heads() -> None:
     assert round_width(24, 10.0, round_to=8, min_keep=1, block=6) == 12
     assert round_width(24, 0.0, round_to=1, min_keep=1, block=6) == 6
     assert round_width(24, 23.0, round_to=1, min_keep=1, block=6) == 24
+
+
+def test_fused_attention_drops_heads_from_its_packed_weight() -> None:
+    model = fused_attention_block()
+    analysis = analyze(model)
+    (heads,) = [group for group in analysis.groups if group.producers == ("attention",)]
+    assert heads.prunable and heads.block == HEAD_SIZE
+    feeds = {"x": attention_feeds(64)["x"]}
+    compressed, _ = compress(model, [feeds], ratio=0.5, refit=False, compensation=False)
+    graph = GraphIndex(normalize(compressed))
+    node = graph.nodes_by_name["attention"]
+    assert graph.input_constant(node, 1).shape == (CHANNELS, 3 * CHANNELS // 2)
+    assert [a.i for a in node.attribute if a.name == "num_heads"] == [HEADS // 2]
+    assert _run(compressed, {"x": feeds["x"][:4]}).shape == (4, 5, CHANNELS)

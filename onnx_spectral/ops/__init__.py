@@ -17,6 +17,11 @@ from onnx_spectral.ops.concat import ConcatHandler, SliceHandler, SplitHandler
 from onnx_spectral.ops.contrib import MICROSOFT, register_schemas
 from onnx_spectral.ops.conv import ConvHandler, ConvTransposeHandler, FusedConvHandler
 from onnx_spectral.ops.elementwise import ArithmeticHandler, UnaryHandler
+from onnx_spectral.ops.fused_attention import (
+    BiasGeluHandler,
+    FusedAttentionHandler,
+    SkipLayerNormalizationHandler,
+)
 from onnx_spectral.ops.layout import LayoutHandler
 from onnx_spectral.ops.linear import (
     EinsumHandler,
@@ -66,6 +71,9 @@ _HANDLERS: tuple[tuple[str, OpHandler], ...] = (
     (MICROSOFT, FusedConvHandler()),
     (MICROSOFT, FusedGemmHandler()),
     (MICROSOFT, FusedMatMulHandler()),
+    (MICROSOFT, FusedAttentionHandler()),
+    (MICROSOFT, BiasGeluHandler()),
+    (MICROSOFT, SkipLayerNormalizationHandler()),
 )
 
 REGISTRY: Mapping[tuple[str, str], OpHandler] = {

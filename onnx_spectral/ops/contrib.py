@@ -105,3 +105,59 @@ def register_schemas() -> None:
     for fused in _FUSED:
         if not defs.has(fused, MICROSOFT):
             defs.register_schema(_schema(fused))
+    for op, inputs in _SAME_SHAPE.items():
+        if not defs.has(op, MICROSOFT):
+            defs.register_schema(_same_shape_schema(op, inputs))
+
+
+_SAME_SHAPE = {"SkipLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4,
+               "BiasGelu": 2, "FastGelu": 2, "Gelu": 1, "QuickGelu": 1, "Attention": 7}
+"""Transformer ops of ONNX Runtime's transformer optimizer -> their input count: output 0 has
+the shape of input 0 (for Attention, with the last axis C = the QKV weight's columns / 3)."""
+
+
+def _same_shape_inference(ctx: shape_inference.InferenceContext) -> None:
+    output = onnx.TypeProto()
+    output.CopyFrom(ctx.get_input_type(0))
+    if ctx.get_num_inputs() > 1 and ctx.has_input(1):
+        weight = ctx.get_input_type(1).tensor_type.shape.dim
+        dims = output.tensor_type.shape.dim
+        if len(weight) == 2 and len(dims) == 3 and ctx.get_num_outputs() and \
+                weight[1].HasField("dim_value") and _is_attention(ctx):
+            dims[2].Clear()
+            dims[2].dim_value = weight[1].dim_value // 3
+    ctx.set_output_type(0, output)
+
+
+def _is_attention(ctx: shape_inference.InferenceContext) -> bool:
+    return ctx.get_attribute("num_heads") is not None
+
+
+def _same_shape_schema(op: str, inputs: int) -> defs.OpSchema:
+    option = defs.OpSchema.FormalParameterOption
+    formal = [defs.OpSchema.FormalParameter(f"in{i}", f"T{i}",
+                                            param_option=option.Optional if i else option.Single)
+              for i in range(inputs)]
+    outputs = [defs.OpSchema.FormalParameter(f"out{i}", f"U{i}",
+                                             param_option=option.Optional if i else option.Single)
+               for i in range(4)]
+    tensors = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)",
+               "tensor(int32)", "tensor(int64)", "tensor(bool)"]
+    schema = defs.OpSchema(
+        op, MICROSOFT, 1, f"ONNX Runtime's {op} (output 0 shaped like input 0)",
+        inputs=formal, outputs=outputs,
+        type_constraints=[(f"{kind}{i}", tensors, "any tensor") for kind, count in
+                          (("T", inputs), ("U", 4)) for i in range(count)],
+        attributes=[defs.OpSchema.Attribute(name, kind, "as in ONNX Runtime", required=False)
+                    for name, kind in _TRANSFORMER_ATTRIBUTES.items()])
+    schema.set_type_and_shape_inference_function(_same_shape_inference)
+    return schema
+
+
+_TRANSFORMER_ATTRIBUTES = {
+    "epsilon": _AttrType.FLOAT, "alpha": _AttrType.FLOAT, "num_heads": _AttrType.INT,
+    "qkv_hidden_sizes": _AttrType.INTS, "unidirectional": _AttrType.INT,
+    "mask_filter_value": _AttrType.FLOAT, "scale": _AttrType.FLOAT,
+    "do_rotary": _AttrType.INT, "past_present_share_buffer": _AttrType.INT,
+    "rotary_embedding_dim": _AttrType.INT,
+}
