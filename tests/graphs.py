@@ -200,6 +200,11 @@ def arithmetic(op: str, shape: Sequence[int] | None, constant_first: bool = Fals
     return middle
 
 
+def pow_cube(b: GraphBuilder, t: str, channels: int) -> str:
+    """    t -> Pow 'arith' (exponent 3, as in GELU's tanh approximation) -> Relu 'relu' ->"""
+    return b.node("Relu", [b.node("Pow", [t, b.const("k", np.float32(3.0))], "arith")], "relu")
+
+
 def bias_add(b: GraphBuilder, t: str, channels: int) -> str:
     """Bias of a bias-free conv as a separate Add:  t -> Add 'bias' (const [C,1,1]) -> Relu ->"""
     k = b.random("bias_k", (channels, 1, 1))

@@ -120,6 +120,7 @@ CASES = [
     _sandwich("Mul-scalar", graphs.arithmetic("Mul", None), arith_1=()),
     _sandwich("Sub-scalar", graphs.arithmetic("Sub", None), arith_1=()),
     _sandwich("Div-scalar", graphs.arithmetic("Div", None), arith_1=()),
+    _sandwich("Pow-cube", graphs.pow_cube, arith_1=()),
     _sandwich("Mul-broadcast-[1,C,1,1]", graphs.arithmetic("Mul", (1, CHANNELS, 1, 1)),
               arith_1=(1, KEPT, 1, 1)),
     Case("bias-free-conv+Add", lambda: graphs.conv_sandwich(graphs.bias_add, conv1_bias=False),

@@ -54,9 +54,11 @@ def _channel_dim(value: np.ndarray, axis_from_end: int) -> int:
 
 
 class ArithmeticHandler(NoWeights):
-    """Add, Sub, Mul, Div, PRelu, Max, Min, Sum, Mean over constants and activations."""
+    """Add, Sub, Mul, Div, Pow, PRelu, Max, Min, Sum, Mean over constants and activations (Pow
+    with a constant exponent: the cube in GELU's tanh approximation)."""
 
-    op_types: tuple[str, ...] = ("Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Sum", "Mean")
+    op_types: tuple[str, ...] = ("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum",
+                                 "Mean")
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         graph = ctx.graph
