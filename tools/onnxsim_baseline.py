@@ -198,25 +198,46 @@ def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def count_macs(model: onnx.ModelProto, feeds: Feeds) -> int:
-    """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes of the top-level
-    graph of `model` when it runs on `feeds` (whole batch); other ops count zero."""
-    nodes = [node for node in model.graph.node
-             if node.op_type in _MAC_OPS and node.domain in ("", "ai.onnx")]
+    """Multiply-accumulates of the linear nodes of the top-level graph of `model` when it runs
+    on `feeds` (whole batch): Conv, ConvTranspose, Gemm and MatMul, their integer forms
+    (ConvInteger, MatMulInteger), ONNX Runtime's fusions of them (com.microsoft FusedConv,
+    FusedGemm, FusedMatMul) and its fused self-attention (com.microsoft Attention: the QKV
+    projection b*s*hidden*3C plus scores and context 2*b*s*s*C); other ops count zero."""
+    nodes = [node for node in model.graph.node if _mac_kind(node) is not None]
     names = {name for node in nodes for name in (*node.input[:2], node.output[0])}
     shapes = tensor_shapes(model, feeds, names)
     total = 0
     for node in nodes:
+        kind = _mac_kind(node)
         x, w, y = shapes[node.input[0]], shapes[node.input[1]], shapes[node.output[0]]
-        if node.op_type == "Conv":
+        if kind == "Conv":
             total += int(np.prod(y)) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
+        elif kind == "ConvTranspose":
             total += int(np.prod(x)) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
+        elif kind == "Gemm":
             reduced = x[0] if _int_attribute(node, "transA", 0) else x[1]
             total += int(np.prod(y)) * int(reduced)
+        elif kind == "Attention":
+            batch, sequence, hidden = x
+            channels = int(w[1]) // 3
+            total += batch * sequence * (hidden * 3 * channels + 2 * sequence * channels)
         else:
-            total += int(np.prod(y)) * int(x[-1])
+            total += int(np.prod(y)) * int(x[-2] if _int_attribute(node, "transA", 0) else x[-1])
     return total
+
+
+_MICROSOFT_MAC_OPS = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul",
+                      "Attention": "Attention"}
+
+
+def _mac_kind(node: onnx.NodeProto) -> str | None:
+    """How `node`'s MACs are counted (an op type of _MAC_OPS or "Attention"), None if not."""
+    if node.domain in ("", "ai.onnx"):
+        op = node.op_type.removesuffix("Integer")
+        return op if op in _MAC_OPS else None
+    if node.domain == "com.microsoft":
+        return _MICROSOFT_MAC_OPS.get(node.op_type)
+    return None
 
 
 # --- validity ----------------------------------------------------------------------------
