@@ -33,6 +33,17 @@ class GroupReport:
     """Degrees of freedom N(lambda) = sum mu / (mu + lambda) at lambda = the relative ridge."""
     parts: tuple[Part, ...] = ()
     """A Concat/Split group's pieces: (base group id or None when untracked, offset, size)."""
+    head_size: int = 1
+    """Channels per attention head in a head group (whole heads are kept); 1 otherwise."""
+
+    @property
+    def widths(self) -> str:
+        """"m -> k", with the heads for a head group: "384 -> 256 (12 -> 8 heads)"."""
+        text = f"{self.channels} -> {self.kept}"
+        if self.head_size > 1:
+            text += (f" ({self.channels // self.head_size} -> {self.kept // self.head_size} "
+                     "heads)")
+        return text
 
     @property
     def origin(self) -> str:
@@ -97,7 +108,7 @@ class Report:
         for group in self.groups:
             error = "-" if group.heldout_error is None else f"{group.heldout_error:.4f}"
             dof = "-" if group.dof is None else f"{group.dof:.1f}"
-            rows.append((str(group.id), group.origin, f"{group.channels} -> {group.kept}", dof,
+            rows.append((str(group.id), group.origin, group.widths, dof,
                          error, group.status))
         lines = _table(rows)
         lines.append("")
@@ -147,6 +158,7 @@ def group_reports(analysis: Analysis, planned: Sequence[PlannedGroup],
             spectrum=_spectrum(by_id.get(group.id)),
             dof=None if group.id not in by_id else by_id[group.id].dof,
             parts=group.parts,
+            head_size=group.block,
         )
         for group in analysis.groups
     )
@@ -180,7 +192,8 @@ def format_analysis(analysis: Analysis, cost: ModelCost) -> str:
     lines = []
     for group in analysis.groups:
         status = "prunable" if group.prunable else "frozen"
-        lines.append(f"group {group.id}: {group.channels} channels, {status}")
+        heads = "" if group.heads is None else f" ({group.heads} attention heads of {group.block})"
+        lines.append(f"group {group.id}: {group.channels} channels{heads}, {status}")
         if group.parts:
             pieces = [f"{'untracked' if part is None else 'group ' + str(part)}"
                       f"[{offset}:{offset + size}]" for part, offset, size in group.parts]

@@ -63,6 +63,7 @@ def test_pruning_heads_rewrites_every_reshape(constant_targets: bool) -> None:
     model = attention_block(constant_targets=constant_targets)
     feeds = attention_feeds(64)
     compressed, report = compress(model, [feeds], ratio=0.5, refit=False, compensation=False)
+    assert f"{CHANNELS} -> {CHANNELS // 2} ({HEADS} -> {HEADS // 2} heads)" in report.format()
     graph = GraphIndex(normalize(compressed))
     (block,) = find_attention(graph)
     assert block.heads == HEADS // 2 and block.head_size == HEAD_SIZE
