@@ -18,6 +18,7 @@ into the output's data file, so the weights are never all in memory at once.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -50,9 +51,19 @@ _MAPPABLE = frozenset({
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes the model's initializers take when serialized (external tensors: their data)."""
-    return sum(_extent(tensor)[2] if external_data_helper.uses_external_data(tensor)
-               else tensor.ByteSize() for tensor in model.graph.initializer)
+    """Bytes of the model's initializers' data (external tensors: their data file extent):
+    for raw data, elements times item size from the header, which needs no pass over the data;
+    otherwise (typed fields, strings, sub-byte types) their serialized size."""
+    return sum(_data_bytes(tensor) for tensor in model.graph.initializer)
+
+
+def _data_bytes(tensor: TensorProto) -> int:
+    if external_data_helper.uses_external_data(tensor):
+        return _extent(tensor)[2]
+    if tensor.data_type not in _MAPPABLE or not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return math.prod(tensor.dims) * itemsize
 
 
 def is_large(model: onnx.ModelProto) -> bool:
