@@ -202,12 +202,16 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
         for name in node.input:
             readers.setdefault(name, []).append(node.op_type)
     originals = {node.name: node for node in original.graph.node}
+    weights = {tensor.name for tensor in model.graph.initializer}
     notes = []
     refitted = 0
     for node in list(model.graph.node):
         view = linear_layer_for(node)
         if view is None or node.input[0] not in affected or node.name not in originals:
             continue
+        position = view.weight_input
+        if len(node.input) <= position or node.input[position] not in weights:
+            continue  # a product of two activations (attention scores): no weight to refit
         layer = _layer(model, node, view, readers)
         if isinstance(layer, str):
             notes.append(f"layer '{node.name}' not refitted: {layer}")
