@@ -117,10 +117,17 @@ the shape of input 0 (for Attention, with the last axis C = the QKV weight's col
 
 
 def _same_shape_inference(ctx: shape_inference.InferenceContext) -> None:
+    source = ctx.get_input_type(0)
+    if source is None:  # input 0's type is not known yet: nothing to infer
+        return
     output = onnx.TypeProto()
-    output.CopyFrom(ctx.get_input_type(0))
+    output.CopyFrom(source)
     if ctx.get_num_inputs() > 1 and ctx.has_input(1):
-        weight = ctx.get_input_type(1).tensor_type.shape.dim
+        weight_type = ctx.get_input_type(1)
+        if weight_type is None:
+            ctx.set_output_type(0, output)
+            return
+        weight = weight_type.tensor_type.shape.dim
         dims = output.tensor_type.shape.dim
         if len(weight) == 2 and len(dims) == 3 and ctx.get_num_outputs() and \
                 weight[1].HasField("dim_value") and _is_attention(ctx):
