@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -130,3 +131,19 @@ def test_fused_attention_drops_heads_from_its_packed_weight() -> None:
     assert graph.input_constant(node, 1).shape == (CHANNELS, 3 * CHANNELS // 2)
     assert [a.i for a in node.attribute if a.name == "num_heads"] == [HEADS // 2]
     assert _run(compressed, {"x": feeds["x"][:4]}).shape == (4, 5, CHANNELS)
+
+
+def test_shape_inference_passes_over_fused_ops_whose_input_type_is_unknown() -> None:
+    # ORT-fused encoders feed SkipLayerNormalization/BiasGelu from ops ONNX knows nothing of
+    nodes = [onnx.helper.make_node("Unknown", ["x"], ["t"], name="unknown", domain="custom"),
+             onnx.helper.make_node("BiasGelu", ["t", "bias"], ["y"], name="gelu",
+                                   domain="com.microsoft")]
+    graph = onnx.helper.make_graph(
+        nodes, "untyped",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.zeros(4, np.float32), "bias")])
+    model = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1),
+        onnx.helper.make_opsetid("custom", 1)])
+    normalize(model)  # raised ModelError before
