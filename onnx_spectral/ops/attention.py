@@ -34,7 +34,6 @@ _SCALE_OPS = frozenset({"Mul", "Div"})
 """Ops allowed on Q or K before the score MatMul, by a constant scalar."""
 _HEADS_FIRST = (0, 2, 1, 3)
 _KEYS_TRANSPOSED = (0, 2, 3, 1)
-_LAST_TWO_SWAPPED = (0, 1, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -135,10 +134,11 @@ def _skip_scaling(graph: GraphIndex, tensor: str) -> str:
         tensor = operand
 
 
-def _head_split(graph: GraphIndex, tensor: str, perms: tuple[tuple[int, ...], ...]
+def _head_split(graph: GraphIndex, tensor: str, perm: tuple[int, ...]
                 ) -> tuple[onnx.NodeProto, int, int]:
-    """Follow `tensor` back through Transposes composing to one of `perms` to a head Reshape of
-    a rank-3 tensor; the Reshape node, H and D."""
+    """Follow `tensor` back through Transposes composing to `perm` (one Transpose, or e.g.
+    heads first then the last two swapped for K) to a head Reshape of a rank-3 tensor; the
+    Reshape node, H and D."""
     composed: tuple[int, ...] = (0, 1, 2, 3)
     while True:
         node = graph.producers.get(tensor)
@@ -147,12 +147,12 @@ def _head_split(graph: GraphIndex, tensor: str, perms: tuple[tuple[int, ...], ..
         if node.op_type != "Transpose":
             break
         _only_consumer(graph, tensor)
-        perm = _perm(node)
-        if len(perm) != 4:
+        step = _perm(node)
+        if len(step) != 4:
             raise _NoMatch
-        composed = tuple(perm[axis] for axis in composed)
+        composed = tuple(step[axis] for axis in composed)
         tensor = node.input[0]
-    if composed not in perms:
+    if composed != perm:
         raise _NoMatch
     reshape = _producer(graph, tensor, "Reshape")
     entries = shape_entries(graph, reshape)
@@ -221,10 +221,10 @@ def _match(graph: GraphIndex, softmax: onnx.NodeProto) -> AttentionBlock:
     if context.op_type != "MatMul" or context.input[0] != softmax.output[0]:
         raise _NoMatch
     query, heads, head_size = _head_split(graph, _skip_scaling(graph, score.input[0]),
-                                          (_HEADS_FIRST,))
-    key, key_heads, key_size = _head_split(
-        graph, _skip_scaling(graph, score.input[1]), (_KEYS_TRANSPOSED,))
-    value, value_heads, value_size = _head_split(graph, context.input[1], (_HEADS_FIRST,))
+                                          _HEADS_FIRST)
+    key, key_heads, key_size = _head_split(graph, _skip_scaling(graph, score.input[1]),
+                                           _KEYS_TRANSPOSED)
+    value, value_heads, value_size = _head_split(graph, context.input[1], _HEADS_FIRST)
     if (key_heads, key_size, value_heads, value_size) != (heads, head_size) * 2:
         raise _NoMatch
     back = _only_consumer(graph, context.output[0])

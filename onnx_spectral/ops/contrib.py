@@ -122,22 +122,15 @@ def _same_shape_inference(ctx: shape_inference.InferenceContext) -> None:
         return
     output = onnx.TypeProto()
     output.CopyFrom(source)
-    if ctx.get_num_inputs() > 1 and ctx.has_input(1):
-        weight_type = ctx.get_input_type(1)
-        if weight_type is None:
-            ctx.set_output_type(0, output)
-            return
-        weight = weight_type.tensor_type.shape.dim
+    is_attention = ctx.get_attribute("num_heads") is not None
+    weight = ctx.get_input_type(1) if is_attention and ctx.has_input(1) else None
+    if weight is not None:
+        columns = weight.tensor_type.shape.dim
         dims = output.tensor_type.shape.dim
-        if len(weight) == 2 and len(dims) == 3 and ctx.get_num_outputs() and \
-                weight[1].HasField("dim_value") and _is_attention(ctx):
+        if len(columns) == 2 and len(dims) == 3 and columns[1].HasField("dim_value"):
             dims[2].Clear()
-            dims[2].dim_value = weight[1].dim_value // 3
+            dims[2].dim_value = columns[1].dim_value // 3
     ctx.set_output_type(0, output)
-
-
-def _is_attention(ctx: shape_inference.InferenceContext) -> bool:
-    return ctx.get_attribute("num_heads") is not None
 
 
 def _same_shape_schema(op: str, inputs: int) -> defs.OpSchema:
