@@ -23,7 +23,7 @@ import onnx
 
 from onnx_spectral.analysis import Analysis, Tap, analyze
 from onnx_spectral.calibration.batches import after, skip, teed
-from onnx_spectral.calibration.collect import Statistics, calibrate
+from onnx_spectral.calibration.collect import Statistics, calibrate, rank_notes
 from onnx_spectral.calibration.deployment import deployment_inputs
 from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
@@ -48,7 +48,8 @@ from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
-from onnx_spectral.graph.model import initializer_inputs_note, load_model
+from onnx_spectral.graph.executor import Executor, LocalExecutor
+from onnx_spectral.graph.model import initializer_inputs_note, load_model, stamp
 from onnx_spectral.options import CompressOptions, with_overrides
 from onnx_spectral.quantize import model_bytes, quantize_int8, quantize_problem
 from onnx_spectral.report import Report, group_reports
@@ -159,24 +160,31 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         costs = budget_costs(prepared.analysis, prepared.cost, options.plan_options(),
                              options.require_prunable)
     corrections = decide_corrections(prepared, options)
-    with clock("calibrate"):
-        calibrated = shared_statistics(prepared, options,
-                                       corrections.need_batches or options.quantize != "none")
+    with clock("workers") if options.ray is not None else nullcontext():
+        executor = open_executor(options)
+    try:
+        with clock("calibrate"):
+            calibrated = shared_statistics(prepared, options,
+                                           corrections.need_batches or options.quantize != "none",
+                                           executor)
+        with clock("select"):
+            planned = plan(prepared, calibrated, options, corrections, costs, executor)
+        with clock("rewrite"):
+            compressed = rewrite_model(prepared, planned)
+        with clock("refit") if corrections.refit else nullcontext():
+            compressed, correction_notes = correct(prepared, compressed, planned, calibrated,
+                                                   options, corrections, executor)
+        stamp(compressed, original, str(options.summary()))
+        with clock("quantize") if options.quantize != "none" else nullcontext():
+            written = quantize(compressed, calibrated, options)
+        stamp(written, original, str(options.summary()))
+        with clock("verify"):
+            verified = verify(prepared, written, calibrated, planned, options,
+                              float_model=None if written is compressed else compressed,
+                              executor=executor)
+    finally:
+        executor.close()
     cost_before = prepared.cost
-    with clock("select"):
-        planned = plan(prepared, calibrated, options, corrections, costs)
-    with clock("rewrite"):
-        compressed = rewrite_model(prepared, planned)
-    with clock("refit") if corrections.refit else nullcontext():
-        compressed, correction_notes = correct(prepared, compressed, planned, calibrated,
-                                               options, corrections)
-    _stamp(compressed, original, options)
-    with clock("quantize") if options.quantize != "none" else nullcontext():
-        written = quantize(compressed, calibrated, options)
-    _stamp(written, original, options)
-    with clock("verify"):
-        verified = verify(prepared, written, calibrated, planned, options,
-                          float_model=None if written is compressed else compressed)
     notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
     cost_after = model_cost(written, cost_before.input_shapes)
     if written is not compressed:  # the weights are integers now: count them as before
@@ -188,6 +196,15 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     report = build_report(prepared, calibrated, planned, verified, cost_before,
                           cost_after, options, clock.seconds, notes, sizes)
     return written, report
+
+
+def open_executor(options: CompressOptions) -> Executor:
+    """Where the passes over the data run: on Ray workers with `options.ray`, else here."""
+    if options.ray is None:
+        return LocalExecutor(options.progress)
+    from onnx_spectral.graph.ray_executor import RayExecutor  # the optional 'ray' extra
+    return RayExecutor(options.ray, options.ray_workers or None, provider=options.provider,
+                       progress=options.progress)
 
 
 def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
@@ -251,11 +268,11 @@ def decide_corrections(prepared: Prepared, options: CompressOptions) -> Correcti
     return Corrections(compensate, refit, tuple(notes))
 
 
-def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches: bool
-                      ) -> Calibrated:
+def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches: bool,
+                      executor: Executor | None = None) -> Calibrated:
     """Calibrate on the first `calib_samples` samples (or take the saved statistics), under the
-    Gram budget; set the held-out batches apart; with `keep_batches`, keep the first batches
-    for the correction passes."""
+    Gram budget, on `executor`'s workers (default: here); set the held-out batches apart; with
+    `keep_batches`, keep the first batches for the correction passes."""
     analysis = prepared.analysis
     instrumented = _instrumented(prepared, options)
     stream = prepared.stream
@@ -273,22 +290,26 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
         if keep_batches:  # the first batches are read again by each correction pass
             calibration = teed(calibration, options.compensation_samples, first_batches)
         gathered = (calibrate(instrumented, calibration, options.provider,
-                              total_samples=n_calib, progress=options.progress)
+                              total_samples=n_calib, progress=options.progress,
+                              executor=executor)
                     if analysis.taps and options.plan_options().needs_statistics
                     else Statistics({}, 0))
         held_out = list(stream.take(n_verify, prepared.batch))
-    notes = (*gathered.notes, *_rank_notes(gathered, analysis))
+    notes = (*gathered.notes, *rank_notes(gathered, analysis.taps))
     return Calibrated(gathered, instrumented, tuple(first_batches), tuple(held_out), notes)
 
 
 def plan(prepared: Prepared, calibrated: Calibrated, options: CompressOptions,
-         corrections: Corrections, costs: GroupCosts | None) -> tuple[PlannedGroup, ...]:
-    """Widths, kept channels and reconstructions of every prunable group; compensated when
-    `corrections` say so. `costs`: the cost model, needed under a flops/params budget."""
+         corrections: Corrections, costs: GroupCosts | None, executor: Executor | None = None
+         ) -> tuple[PlannedGroup, ...]:
+    """Widths, kept channels and reconstructions of every prunable group; compensated (passes
+    on `executor`'s workers) when `corrections` say so. `costs`: the cost model, needed under a
+    flops/params budget."""
     plan_options = options.plan_options()
     if corrections.compensate:
         return compensated_plans(prepared.analysis, calibrated.statistics, plan_options,
-                                 lambda: calibrated.first_batches, options.provider, costs)
+                                 calibrated.first_batches, options.provider, costs,
+                                 executor=executor or LocalExecutor(options.progress))
     return plan_groups(prepared.analysis, calibrated.statistics, plan_options, costs)
 
 
@@ -298,14 +319,16 @@ def rewrite_model(prepared: Prepared, planned: Sequence[PlannedGroup]) -> onnx.M
 
 
 def correct(prepared: Prepared, compressed: onnx.ModelProto, planned: Sequence[PlannedGroup],
-            calibrated: Calibrated, options: CompressOptions, corrections: Corrections
-            ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
-    """Refit the layers downstream of the pruning when `corrections` say so; and its notes."""
+            calibrated: Calibrated, options: CompressOptions, corrections: Corrections,
+            executor: Executor | None = None) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """Refit the layers downstream of the pruning (passes on `executor`'s workers) when
+    `corrections` say so; and its notes."""
     if not (corrections.refit and calibrated.first_batches):
         return compressed, ()
     refitted, notes = refit_pruned(prepared.analysis, compressed, [item.plan for item in planned],
                                    calibrated.first_batches, options.provider,
-                                   options.refit_features)
+                                   options.refit_features,
+                                   executor=executor or LocalExecutor(options.progress))
     return refitted, tuple(notes)
 
 
@@ -322,18 +345,24 @@ def quantize(compressed: onnx.ModelProto, calibrated: Calibrated, options: Compr
 
 def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrated,
            planned: Sequence[PlannedGroup], options: CompressOptions,
-           float_model: onnx.ModelProto | None = None) -> Verified:
+           float_model: onnx.ModelProto | None = None, executor: Executor | None = None
+           ) -> Verified:
     """Output agreement of `compressed` (and of `float_model`, the model before quantization,
-    when given), and each pruned group's reconstruction error, on held-out data."""
+    when given), and each pruned group's reconstruction error, on held-out data (passes on
+    `executor`'s workers)."""
     held_out = calibrated.held_out
     if not held_out:
         return Verified(None, {})
-    verification = compare_models(prepared.original, compressed, held_out, options.provider)
+    executor = executor or LocalExecutor(options.progress)
+    verification = compare_models(prepared.original, compressed, held_out, options.provider,
+                                  executor)
     floating = (None if float_model is None
-                else compare_models(prepared.original, float_model, held_out, options.provider))
+                else compare_models(prepared.original, float_model, held_out, options.provider,
+                                    executor))
     if not planned:
         return Verified(verification, {}, floating)
-    statistics = calibrate(calibrated.instrumented, held_out, options.provider)
+    statistics = calibrate(calibrated.instrumented, held_out, options.provider,
+                           executor=executor, desc="held-out statistics")
     errors = {}
     for item in planned:
         plan = item.plan
@@ -369,19 +398,6 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
         seconds=seconds,
         warnings=tuple(notes),
     )
-
-
-def _rank_notes(statistics: Statistics, analysis: Analysis) -> list[str]:
-    """Warn about taps whose Gram matrix has fewer rows than channels (singular)."""
-    notes = []
-    for tap in analysis.taps:
-        count = statistics.taps[tap.tensor].count if tap.tensor in statistics.taps else None
-        if count is not None and count < tap.channels:
-            notes.append(f"tensor '{tap.tensor}': {count} calibration rows (samples x positions)"
-                         f" for {tap.channels} channels: its Gram matrix is singular and the "
-                         f"reconstruction rests on the ridge alone; give at least {tap.channels} "
-                         "samples")
-    return notes
 
 
 def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: DataSource,
@@ -430,15 +446,3 @@ def _saved_for(statistics: SavedStatistics | str | Path, original: onnx.ModelPro
     where = "given" if isinstance(statistics, SavedStatistics) else str(statistics)
     saved.check_model(model_fingerprint(original), taps, where)
     return saved
-
-
-def _stamp(compressed: onnx.ModelProto, original: onnx.ModelProto,
-           options: CompressOptions) -> None:
-    """Keep the original's metadata and record how the model was made."""
-    compressed.producer_name = original.producer_name
-    compressed.producer_version = original.producer_version
-    del compressed.metadata_props[:]
-    compressed.metadata_props.extend(original.metadata_props)
-    entry = compressed.metadata_props.add()
-    entry.key = "onnx_spectral"
-    entry.value = str(options.summary())

@@ -119,9 +119,10 @@ def _add_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = 
                                 action="extend", help=spec.help)
         else:
             shown = "" if default is None else " (default %(default)s)"
+            optional = {} if spec.const is None else {"nargs": "?", "const": spec.const}
             target.add_argument(_flag(name), dest=name, default=default, metavar=spec.metavar,
                                 type=spec.parse or _scalar(types[name]),
-                                choices=choices(types[name]), help=spec.help + shown)
+                                choices=choices(types[name]), help=spec.help + shown, **optional)
 
 
 def _scalar(kind: Any) -> Callable[[str], Any]:
@@ -143,6 +144,16 @@ def _options(args: argparse.Namespace, **extra: Any) -> CompressOptions:
     return CompressOptions(**values)
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal, unless --quiet."""
+    return sys.stderr.isatty() and not args.quiet
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are none when stderr is not a terminal)")
+
+
 def _compress_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-spectral",
@@ -158,6 +169,7 @@ def _compress_parser() -> argparse.ArgumentParser:
                         help="select from saved statistics (onnx-spectral calibrate / "
                              "merge-stats) instead of calibrating")
     parser.add_argument("--report", type=Path, help="also write the report as JSON here")
+    _add_quiet(parser)
     parser.add_argument("--external-data", action="store_true",
                         help="write the tensors to OUT.<digest>.data beside OUT (automatic when "
                              "the input has external data or the tensors exceed 2 GB)")
@@ -206,7 +218,7 @@ def _run_compress(argv: Sequence[str], outputs: _Outputs) -> int:
     _check_paths(args.input, args.output, args.report)
     if args.plots is not None:
         require_matplotlib()  # fail before anything is written, not after the model
-    options = _options(args, progress=sys.stderr.isatty())
+    options = _options(args, progress=_progress(args))
     if args.calib is None and args.stats is None:
         raise OptionsError("give --calib DATA, or --stats STATS.npz written by `onnx-spectral "
                            "calibrate` (see onnx-spectral --help)")
@@ -300,6 +312,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
         description="Gather channel statistics (or one shard of them) without compressing.")
     parser.add_argument("input", type=Path, help="model to calibrate (.onnx)")
     parser.add_argument("--calib", required=True, help="calibration data, as for compression")
+    _add_quiet(parser)
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="statistics file to write (.npz)")
     parser.add_argument("--shard", type=Shard.parse, default=Shard(1, 1),
@@ -311,7 +324,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 def _run_calibrate(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _calibrate_parser().parse_args(argv)
-    options = _options(args, progress=sys.stderr.isatty())
+    options = _options(args, progress=_progress(args))
     saved = calibrate_statistics(args.input, args.calib, options, shard=args.shard)
     outputs.expect(args.output)
     atomic.write_atomically(args.output, lambda path: save_statistics(path, saved))

@@ -40,7 +40,8 @@ class Option:
     `flag`: the command-line flag ("" = `--field-name`; None = API only). `cli_default`: the
     command line's default when it differs from the API's (None: the same). `flag_help`: the
     flag's help when the flag sets the opposite of what `help` describes. `plan`: the
-    PlanOptions field it feeds. `exclusive`: flags of one name exclude each other.
+    PlanOptions field it feeds. `exclusive`: flags of one name exclude each other. `const`:
+    the value of the flag given without one (its value is then optional).
     """
 
     help: str
@@ -54,6 +55,7 @@ class Option:
     plan: str | None = None
     cli_default: Any = None
     flag_help: str | None = None
+    const: Any = None
 
 
 def option(default: Any, help: str, **spec: Any) -> Any:
@@ -176,7 +178,14 @@ class CompressOptions:
     preprocess: Preprocess | None = option(
         None, "for image folders, e.g. 'resize=256,crop=224,mean=0.485:0.456:0.406,"
         "std=0.229:0.224:0.225'", parse=Preprocess.parse)
-    progress: bool = option(False, "show a progress bar while calibrating", flag=None)
+    progress: bool = option(False, "show a progress bar for each pass over the data "
+                            "(calibration, compensation, refit, verification)", flag=None)
+    ray: str | None = option(None, "run every pass over the data on Ray workers: 'local' (the "
+                             "flag without an address) starts Ray in this process, 'auto' joins "
+                             "the cluster this machine belongs to, 'ray://HOST:10001' a remote "
+                             "one (needs the 'ray' extra)", const="local", metavar="ADDRESS")
+    ray_workers: int = option(0, "Ray workers, each with its own ONNX Runtime session (0: one "
+                              "per CPU of the cluster)", check=at_least(0))
     require_prunable: bool = option(
         False, "refuse a model none of whose channel groups can be pruned, before calibrating "
         "(UnsupportedGraphError, exit 6); --allow-unchanged writes it anyway",

@@ -10,10 +10,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnx_spectral.calibration.collect import TapStatistics
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.errors import ModelError, ResourceError, RewriteError
+from onnx_spectral.graph.executor import (
+    Batch,
+    Executor,
+    LocalExecutor,
+    Sums,
+    WorkerCache,
+    batch_samples,
+)
 from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 
 
@@ -40,54 +49,116 @@ class Verification:
     outputs: tuple[OutputAgreement, ...]
 
 
-def _run_all(model: onnx.ModelProto, batches: Sequence[FeedDict], provider: Provider,
-             role: str) -> list[np.ndarray]:
-    """Outputs of `model` over all batches; `role` ("input", "compressed") picks the error."""
+def _open(model: onnx.ModelProto, provider: Provider, role: str) -> ort.InferenceSession:
     try:
-        session = open_session(model, provider)
-        names = [output.name for output in session.get_outputs()]
-        per_batch = [session.run(names, feeds) for feeds in batches]
+        return open_session(model, provider)
     except Exception as exc:
-        if is_out_of_memory(exc):
-            raise ResourceError(f"out of memory running the {role} model on held-out batches: "
-                                f"{exc}; lower --batch-size") from exc
-        kind = ModelError if role == "input" else RewriteError
-        raise kind(f"ONNX Runtime cannot run the {role} model on held-out samples: {exc}"
-                   ) from exc
-    return [np.concatenate([np.atleast_1d(np.asarray(result[i])) for result in per_batch])
-            for i in range(len(names))]  # a scalar output gives one value per batch
+        raise _failure(exc, role) from exc
 
 
-def _agreement(name: str, original: np.ndarray, compressed: np.ndarray) -> OutputAgreement:
+def _failure(exc: Exception, role: str) -> Exception:
+    """The error of running the `role` ("input", "compressed") model on held-out batches."""
+    if is_out_of_memory(exc):
+        return ResourceError(f"out of memory running the {role} model on held-out batches: "
+                             f"{exc}; lower --batch-size")
+    kind = ModelError if role == "input" else RewriteError
+    return kind(f"ONNX Runtime cannot run the {role} model on held-out samples: {exc}")
+
+
+AgreementSums = dict[int, list[float]]
+"""Per output (by position): [squared error, squared reference, summed cosines, rows, top-1
+matches, top-1 rows, 1 per batch] for numbers; for other outputs [differing elements, elements,
+equal elements, 1 per batch, 0, 0, 0]. Key -1: [samples]."""
+
+
+@dataclass(frozen=True)
+class _AgreementPass(Sums[AgreementSums]):
+    """Both models on the same batches, their outputs compared (a `PassTask`)."""
+
+    original: onnx.ModelProto
+    compressed: onnx.ModelProto
+    provider: Provider
+
+    def start(self, cache: WorkerCache) -> _AgreementAccumulator:
+        return _AgreementAccumulator(_open(self.original, self.provider, "input"),
+                                     _open(self.compressed, self.provider, "compressed"))
+
+
+class _AgreementAccumulator:
+    def __init__(self, original: ort.InferenceSession, compressed: ort.InferenceSession
+                 ) -> None:
+        self.sessions = ((original, "input"), (compressed, "compressed"))
+        self.names = [output.name for output in original.get_outputs()]
+        self.sums: AgreementSums = {}
+        self.samples = 0
+
+    def add(self, batch: Batch) -> None:
+        reference, candidate = (self._run(session, role, batch.feeds)
+                                for session, role in self.sessions)
+        for index, (ref, new) in enumerate(zip(reference, candidate, strict=True)):
+            sums = _agreement_sums(np.atleast_1d(np.asarray(ref)), np.atleast_1d(np.asarray(new)))
+            entry = self.sums.setdefault(index, [0.0] * len(sums))
+            for position, value in enumerate(sums):
+                entry[position] += value
+        self.samples += batch.samples
+
+    def _run(self, session: ort.InferenceSession, role: str, feeds: FeedDict
+             ) -> list[np.ndarray]:
+        try:
+            return list(session.run(self.names, dict(feeds)))
+        except Exception as exc:
+            raise _failure(exc, role) from exc
+
+    def result(self) -> AgreementSums:
+        return {**self.sums, -1: [float(self.samples)]}
+
+
+def _agreement_sums(original: np.ndarray, compressed: np.ndarray) -> list[float]:
+    """The `AgreementSums` entry of one output over one batch (a scalar output counts as one
+    row per batch)."""
     if original.dtype == np.bool_ or not np.issubdtype(original.dtype, np.number):
-        equal = float(np.mean(original == compressed)) if original.shape == compressed.shape \
-            else 0.0
-        return OutputAgreement(name, 1.0 - equal, equal, None)
+        equal = (float(np.sum(original == compressed)) if original.shape == compressed.shape
+                 else 0.0)
+        return [original.size - equal, float(original.size), equal, 1.0, 0.0, 0.0, 0.0]
     reference = original.astype(np.float64)
     candidate = compressed.astype(np.float64)
-    error = float(np.linalg.norm(candidate - reference) /
-                  max(float(np.linalg.norm(reference)), np.finfo(np.float64).tiny))
     flat_ref = reference.reshape(len(reference), -1)
     flat_new = candidate.reshape(len(candidate), -1)
     norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_new, axis=1)
-    cosine = float(np.mean(np.sum(flat_ref * flat_new, axis=1) /
-                           np.maximum(norms, np.finfo(np.float64).tiny)))
-    top1 = None
+    cosines = np.sum(flat_ref * flat_new, axis=1) / np.maximum(norms, np.finfo(np.float64).tiny)
+    matches = rows = 0.0
     if reference.ndim >= 2 and reference.shape[-1] > 1:
-        top1 = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
-    return OutputAgreement(name, error, cosine, top1)
+        same = reference.argmax(-1) == candidate.argmax(-1)
+        matches, rows = float(np.sum(same)), float(same.size)
+    return [float(np.sum((candidate - reference) ** 2)), float(np.sum(reference ** 2)),
+            float(np.sum(cosines)), float(len(reference)), matches, rows, 1.0]
+
+
+def _agreement(name: str, sums: list[float]) -> OutputAgreement:
+    if not sums[6]:  # not numbers: booleans, strings
+        differing, elements, equal = sums[:3]
+        return OutputAgreement(name, differing / max(elements, 1.0), equal / max(elements, 1.0),
+                               None)
+    squared_error, squared_reference, cosines, rows, matches, top1_rows, _ = sums
+    error = float(np.sqrt(squared_error) / max(float(np.sqrt(squared_reference)),
+                                               np.finfo(np.float64).tiny))
+    return OutputAgreement(name, error, cosines / max(rows, 1.0),
+                           matches / top1_rows if top1_rows else None)
 
 
 def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto,
-                   batches: Sequence[FeedDict], provider: Provider) -> Verification:
-    """Run both models on the same held-out batches and compare every output."""
-    reference = _run_all(original, batches, provider, "input")
-    candidate = _run_all(compressed, batches, provider, "compressed")
-    names = [output.name for output in original.graph.output]
-    outputs = tuple(_agreement(name, ref, new)
-                    for name, ref, new in zip(names, reference, candidate, strict=True))
-    samples = sum(len(next(iter(feeds.values()))) for feeds in batches)
-    return Verification(samples, outputs)
+                   batches: Sequence[FeedDict], provider: Provider,
+                   executor: Executor | None = None) -> Verification:
+    """Run both models on the same held-out batches (on the workers of `executor`, default
+    this process) and compare every output."""
+    executor = executor or LocalExecutor()
+    sums = executor.fold(_AgreementPass(original, compressed, provider), batches,
+                         desc="verifying", total=sum(batch_samples(feeds) for feeds in batches))
+    if -1 not in sums:
+        return Verification(0, ())
+    outputs = tuple(_agreement(value.name, sums[index])
+                    for index, value in enumerate(original.graph.output))
+    return Verification(int(sums[-1][0]), outputs)
 
 
 def reconstruction_error(statistics: TapStatistics, kept: np.ndarray,

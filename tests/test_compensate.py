@@ -8,9 +8,14 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
-from onnx_spectral.correction.cross_run import cross_statistics, original_activations
+from onnx_spectral.correction.cross_run import (
+    ORIGINAL_ACTIVATIONS,
+    cross_statistics,
+    original_activations,
+)
 from onnx_spectral.correction.merged import merged_model
 from onnx_spectral.correction.schedule import schedule
+from onnx_spectral.graph.executor import LocalExecutor
 from onnx_spectral.graph.sessions import open_session
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.plan import GroupPlan
@@ -62,16 +67,19 @@ def test_cross_statistics_match_the_two_models_run_apart() -> None:
                                atol=1e-6)
     assert not np.allclose(cross, rows_o.T @ rows_o / len(rows_o), atol=1e-3)
     # the same from the original's activations computed once and fed in
-    cache = original_activations(analysis, second.taps, [{"x": x}], "cpu", 1 << 20)
-    assert cache is not None
+    executor = LocalExecutor()
+    batches = [{"x": x}]
+    assert original_activations(analysis, second.taps, batches, "cpu", 1 << 20, executor)
     cached_model, cached_outputs = merged_model(analysis, pruned, second.taps, cached=True)
     assert all(not node.name.startswith("conv1") for node in cached_model.graph.node)
-    cached = cross_statistics(cached_model, cached_outputs, cache, "cpu")[tap]
+    cached = cross_statistics(cached_model, cached_outputs, batches, "cpu", cached=True,
+                              executor=executor)[tap]
     np.testing.assert_allclose(cached.cross, cross, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cached.second, second_moment, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cached.mean_original, moments.mean_original, rtol=1e-5,
                                atol=1e-6)
-    assert original_activations(analysis, second.taps, [{"x": x}], "cpu", 100) is None
+    assert not original_activations(analysis, second.taps, batches, "cpu", 100, executor)
+    assert executor.cache.size(ORIGINAL_ACTIVATIONS) == 0
 
 
 def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> None:

@@ -10,14 +10,9 @@ import pytest
 from onnx import helper
 
 from onnx_spectral import compress
-from onnx_spectral.correction import refit
-from onnx_spectral.correction.refit import (
-    _cross_validated_ridge,
-    _Layer,
-    _NormalEquations,
-    _solve,
-    refit_layers,
-)
+from onnx_spectral.correction import refit, refit_rows
+from onnx_spectral.correction.refit import _cross_validated_ridge, _solve, refit_layers
+from onnx_spectral.correction.refit_rows import NormalEquations, RefitLayer
 from onnx_spectral.graph.sessions import open_session
 from onnx_spectral.ops.conv import patches
 from onnx_spectral.ops.linear import MatMulHandler
@@ -128,10 +123,10 @@ def test_refit_is_on_by_default_and_lowers_the_error_of_a_pruned_chain() -> None
     assert "layer refit: 2 layers refitted toward the original's outputs" in notes
 
 
-def _halves(features: np.ndarray, targets: np.ndarray) -> list[_NormalEquations]:
+def _halves(features: np.ndarray, targets: np.ndarray) -> list[NormalEquations]:
     halves = []
     for rows in (slice(0, len(features) // 2), slice(len(features) // 2, None)):
-        half = _NormalEquations(np.zeros((features.shape[1],) * 2),
+        half = NormalEquations(np.zeros((features.shape[1],) * 2),
                                 np.zeros((features.shape[1], targets.shape[1])), 0.0)
         half.add(features[rows], targets[rows])
         halves.append(half)
@@ -144,7 +139,8 @@ def test_cross_validation_refuses_a_fit_of_noise_and_takes_a_fit_of_signal() -> 
     near zero; a fit of a linear map with noise is kept."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((40, 30)).astype(np.float32)
-    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False, False)
+    layer = RefitLayer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False,
+                       False)
     noise = rng.standard_normal((40, 5)).astype(np.float32)
     zero = np.zeros((30, 5))
     halves = _halves(features, noise)
@@ -165,7 +161,8 @@ def test_the_ridge_pulls_toward_the_current_weights() -> None:
     features = rng.standard_normal((40, 30))
     truth = rng.standard_normal((30, 5))
     targets = features @ truth + 0.5 * rng.standard_normal((40, 5))
-    layer = _Layer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False, False)
+    layer = RefitLayer(helper.make_node("MatMul", ["x", "w"], ["y"]), MatMulHandler(), 30, False,
+                       False)
     prior = truth + 0.05 * rng.standard_normal((30, 5))
     gram, cross = features.T @ features, features.T @ targets
     least_squares = np.linalg.solve(gram, cross)
@@ -206,17 +203,17 @@ def test_cached_activations_give_the_same_fit_as_running_the_models_again(
     pruned = _changed(original, ("conv1_w",), _half_of_conv1_dropped)
     batches = _batches(4, seed=1)
     runs: list[str] = []
-    real_run = refit._run
+    real_open = refit_rows._open
 
     def counted(model: onnx.ModelProto, name: str, *args: object) -> object:
         runs.append(name)
-        return real_run(model, name, *args)  # type: ignore[arg-type]
+        return real_open(model, name, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(refit, "_run", counted)
+    monkeypatch.setattr(refit_rows, "_open", counted)
     cached, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
     # conv2 (read by a Relu: 1 + RELU_PASSES passes) and conv3: two models run once per layer
     assert len(runs) == 4
-    monkeypatch.setattr(refit, "CACHE_BYTES", 0)
+    monkeypatch.setattr(refit_rows, "CACHE_BYTES", 0)
     rerun, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
     assert len(runs) == 4 + 2 * (1 + refit.RELU_PASSES) + 2
     for a, b in zip(cached.graph.initializer, rerun.graph.initializer, strict=True):

@@ -11,11 +11,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+import onnx
 
+from onnx_spectral.analysis import Tap
 from onnx_spectral.calibration.instrument import Instrumented, TapOutputs, assemble_gram
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.errors import DataError, ModelError, ResourceError, StatisticsError
+from onnx_spectral.graph.executor import (
+    Batch,
+    Executor,
+    LocalExecutor,
+    WorkerCache,
+    add_sums,
+    batch_samples,
+)
 from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 
 
@@ -75,14 +84,10 @@ class _TapSums:
         self.total += total
         self.count += int(shape[1])
 
-    def statistics(self) -> TapStatistics:
-        gram = assemble_gram(self.tap.channels, list(zip(self.tap.blocks, self.blocks,
-                                                         strict=True)))
-        return TapStatistics(gram, self.total, self.count)
-
 
 def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider: Provider,
-              *, total_samples: int | None = None, progress: bool = False) -> Statistics:
+              *, total_samples: int | None = None, progress: bool = False,
+              executor: Executor | None = None, desc: str = "calibrating") -> Statistics:
     """Feed `batches` to the instrumented model; raise StatisticsError if none came.
 
     Runs through ONNX Runtime's I/O binding: inputs are bound from the host arrays, outputs
@@ -90,33 +95,72 @@ def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider:
     the provider's device and only they are copied back, once per batch. A batch that runs out
     of memory (host MemoryError, ONNX Runtime allocation failure) is split in halves, and later
     batches are split the same way; ResourceError when even one sample does not fit. A
-    non-finite statistic raises DataError naming the tap tensor.
+    non-finite statistic raises DataError naming the tap tensor. `executor`: where the pass
+    runs (default: in this process, with a progress bar labelled `desc` when `progress`).
     """
-    try:
-        session = open_session(instrumented.model, provider)
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            raise ResourceError(f"out of memory loading the model into ONNX Runtime: {exc}"
-                                ) from exc
-        raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
-    runner = _SplittingRunner(session, instrumented.taps)
-    sums = {tap.tensor: _TapSums(tap) for tap in instrumented.taps}
-    samples = 0
-    with tqdm(total=total_samples, disable=not progress, unit="sample",
-              desc="calibrating", leave=False) as bar:
-        for feeds in batches:
-            runner.run(feeds, samples, sums)
-            batch = _length(feeds)
-            samples += batch
-            bar.update(batch)
-    if samples == 0:
+    executor = executor or LocalExecutor(progress)
+    sums = executor.fold(GramPass(instrumented.model, instrumented.taps, provider), batches,
+                         desc=desc, total=total_samples)
+    if sums.samples == 0:
         raise StatisticsError("calibration received no samples: the data source is empty")
-    accumulated = {tensor: tap_sums.statistics() for tensor, tap_sums in sums.items()}
-    return Statistics(accumulated, samples, runner.notes())
+    accumulated = {tap.tensor: TapStatistics(
+        assemble_gram(tap.channels, list(zip(tap.blocks, sums.blocks[tap.tensor], strict=True))),
+        sums.totals[tap.tensor], sums.counts[tap.tensor]) for tap in instrumented.taps}
+    return Statistics(accumulated, sums.samples, sums.notes)
 
 
-def _length(feeds: FeedDict) -> int:
-    return len(next(iter(feeds.values())))
+@dataclass(frozen=True)
+class GramSums:
+    """A worker's float64 sums: per tap tensor, its Gram blocks, channel sums and rows; the
+    samples seen; notes on batches halved for memory."""
+
+    blocks: dict[str, list[np.ndarray]]
+    totals: dict[str, np.ndarray]
+    counts: dict[str, int]
+    samples: int
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GramPass:
+    """The calibration pass of an instrumented model (a `PassTask`)."""
+
+    model: onnx.ModelProto
+    taps: tuple[TapOutputs, ...]
+    provider: Provider
+
+    def start(self, cache: WorkerCache) -> _GramAccumulator:
+        try:
+            session = open_session(self.model, self.provider)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise ResourceError(f"out of memory loading the model into ONNX Runtime: {exc}"
+                                    ) from exc
+            raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
+        return _GramAccumulator(_SplittingRunner(session, self.taps))
+
+    def merge(self, first: GramSums, second: GramSums) -> GramSums:
+        return GramSums(add_sums(first.blocks, second.blocks),
+                        add_sums(first.totals, second.totals),
+                        add_sums(first.counts, second.counts), first.samples + second.samples,
+                        tuple(dict.fromkeys((*first.notes, *second.notes))))
+
+
+class _GramAccumulator:
+    def __init__(self, runner: _SplittingRunner) -> None:
+        self.runner = runner
+        self.sums = {tap.tensor: _TapSums(tap) for tap in runner.taps}
+        self.samples = 0
+
+    def add(self, batch: Batch) -> None:
+        self.runner.run(batch.feeds, batch.offset, self.sums)
+        self.samples += batch.samples
+
+    def result(self) -> GramSums:
+        return GramSums({tensor: sums.blocks for tensor, sums in self.sums.items()},
+                        {tensor: sums.total for tensor, sums in self.sums.items()},
+                        {tensor: sums.count for tensor, sums in self.sums.items()},
+                        self.samples, self.runner.notes())
 
 
 class _SplittingRunner:
@@ -136,7 +180,7 @@ class _SplittingRunner:
 
     def run(self, feeds: FeedDict, offset: int, sums: Mapping[str, _TapSums]) -> None:
         """Add the statistics of `feeds` (samples offset..offset+b of the run) to `sums`."""
-        size = _length(feeds)
+        size = batch_samples(feeds)
         step = size if self.limit is None else min(self.limit, size)
         start = 0
         while start < size:
@@ -183,3 +227,16 @@ class _SplittingRunner:
             return ()
         return (f"calibration ran out of memory with batches of {self.first_failure} samples "
                 f"and went on with batches of {self.limit}: pass --batch-size {self.limit}",)
+
+
+def rank_notes(statistics: Statistics, taps: Sequence[Tap]) -> list[str]:
+    """Warnings about taps whose Gram matrix has fewer rows than channels (singular)."""
+    notes = []
+    for tap in taps:
+        count = statistics.taps[tap.tensor].count if tap.tensor in statistics.taps else None
+        if count is not None and count < tap.channels:
+            notes.append(f"tensor '{tap.tensor}': {count} calibration rows (samples x positions)"
+                         f" for {tap.channels} channels: its Gram matrix is singular and the "
+                         f"reconstruction rests on the ridge alone; give at least {tap.channels} "
+                         "samples")
+    return notes

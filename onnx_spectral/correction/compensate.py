@@ -10,14 +10,19 @@ with nothing pruned upstream) needs no extra run: there S = C = Sigma.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 
 from onnx_spectral.analysis import Analysis
 from onnx_spectral.calibration.collect import Statistics
 from onnx_spectral.calibration.sources import FeedDict
-from onnx_spectral.correction.cross_run import cross_statistics, original_activations
+from onnx_spectral.correction.cross_run import (
+    ORIGINAL_ACTIVATIONS,
+    cross_statistics,
+    original_activations,
+)
 from onnx_spectral.correction.merged import merged_model
 from onnx_spectral.correction.schedule import schedule
+from onnx_spectral.graph.executor import Executor, LocalExecutor
 from onnx_spectral.graph.sessions import Provider
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.group_cost import GroupCosts
@@ -25,23 +30,24 @@ from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, allocate_wid
 
 
 def compensated_plans(analysis: Analysis, statistics: Statistics, options: PlanOptions,
-                      batches: Callable[[], Iterable[FeedDict]], provider: Provider,
-                      costs: GroupCosts | None = None, cache_bytes: int = 1 << 30
-                      ) -> tuple[PlannedGroup, ...]:
+                      batches: Sequence[FeedDict], provider: Provider,
+                      costs: GroupCosts | None = None, cache_bytes: int = 1 << 30,
+                      executor: Executor | None = None) -> tuple[PlannedGroup, ...]:
     """Plans with sequential compensation; widths and kept channels as `plan_groups` chooses.
 
-    `batches()` yields the calibration batches again for each pass after the first. The
-    original model's tap activations are computed once and kept in memory when they fit in
-    `cache_bytes`; each pass then runs only the pruned model up to its taps. Otherwise every
-    pass runs both models.
+    `batches`: the calibration batches read by each pass after the first. The original model's
+    tap activations are computed once and kept by the workers (`executor`, default this
+    process) when a worker's share fits in `cache_bytes`; each pass then runs only the pruned
+    model up to its taps. Otherwise every pass runs both models.
     """
+    executor = executor or LocalExecutor()
     widths, paths = allocate_widths(analysis, statistics, options, costs)
     width_of = {group.id: int(width) for group, width in zip(analysis.prunable, widths,
                                                               strict=True)}
     passes = schedule(analysis)
     later = [tap for groups in passes[1:] for group in groups for tap in group.taps]
-    cache = (original_activations(analysis, later, list(batches()), provider, cache_bytes)
-             if later and options.reconstruct else None)
+    cached = (bool(later) and options.reconstruct
+              and original_activations(analysis, later, batches, provider, cache_bytes, executor))
     planned: dict[int, PlannedGroup] = {}
     for number, groups in enumerate(passes):
         compensation = None
@@ -51,11 +57,13 @@ def compensated_plans(analysis: Analysis, statistics: Statistics, options: PlanO
             pruned = rewrite(analysis, [item.plan for item in planned.values()])
             model, outputs = merged_model(analysis, pruned,
                                           [tap for group in groups for tap in group.taps],
-                                          cached=cache is not None)
-            compensation = cross_statistics(model, outputs,
-                                            batches() if cache is None else cache, provider)
+                                          cached=cached)
+            compensation = cross_statistics(model, outputs, batches, provider,
+                                            cached=cached, executor=executor,
+                                            desc=f"compensation pass {number + 1}/{len(passes)}")
         for group in groups:
             planned[group.id] = plan_group(analysis, group, statistics, options,
                                            width_of[group.id], paths.get(group.id),
                                            compensation)
+    executor.forget(ORIGINAL_ACTIVATIONS)
     return tuple(planned[group.id] for group in analysis.prunable)

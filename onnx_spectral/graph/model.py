@@ -407,3 +407,15 @@ def evaluate_shape_expression(graph: GraphIndex, tensor: str, samples: int) -> n
             feeds[name] = value
     results = run_node(node, feeds, opset_version(graph.model))
     return None if results is None else results[list(node.output).index(tensor)]
+
+
+def stamp(compressed: onnx.ModelProto, original: onnx.ModelProto, how: str) -> None:
+    """Give `compressed` the original's producer and metadata, plus an "onnx_spectral" entry
+    recording `how` it was made."""
+    compressed.producer_name = original.producer_name
+    compressed.producer_version = original.producer_version
+    del compressed.metadata_props[:]
+    compressed.metadata_props.extend(original.metadata_props)
+    entry = compressed.metadata_props.add()
+    entry.key = "onnx_spectral"
+    entry.value = how

@@ -43,10 +43,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(mark in text for mark in _OUT_OF_MEMORY_MARKS)
 
 
+_threads = 0
+
+
+def set_session_threads(threads: int) -> None:
+    """ONNX Runtime intra-op threads of the sessions opened from now on in this process (0: its
+    default, one per core); a Ray worker sets the CPUs it was given."""
+    global _threads
+    _threads = threads
+
+
 def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
     """An inference session on an in-memory model (written to a temporary file only past 2 GiB)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = _threads
     if external_tensors.is_large(model):  # past 2 GiB: through a temporary file with external data
         options.add_session_config_entry("session.disable_prepacking", "1")  # no weight copy
         with external_tensors.on_disk(model) as path:
