@@ -11,19 +11,23 @@ through the same steps, under the same rules (Gram budget, which corrections app
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from warnings import catch_warnings, simplefilter
 
-import numpy as np
 import onnx
 
 from onnx_spectral.analysis import Analysis, Tap, analyze
 from onnx_spectral.calibration.batches import after, skip, teed
-from onnx_spectral.calibration.collect import Statistics, calibrate, rank_notes
+from onnx_spectral.calibration.collect import (
+    KeptActivations,
+    Statistics,
+    calibrate,
+    rank_notes,
+)
 from onnx_spectral.calibration.deployment import deployment_inputs
 from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
@@ -43,7 +47,9 @@ from onnx_spectral.calibration.stats_files import (
     model_fingerprint,
 )
 from onnx_spectral.calibration.tap_cost import gram_strides
-from onnx_spectral.correction.compensate import compensated_plans
+from onnx_spectral.correction.compensate import CACHE_BYTES as COMPENSATION_CACHE_BYTES
+from onnx_spectral.correction.compensate import compensated_plans, later_taps
+from onnx_spectral.correction.cross_run import ORIGINAL_ACTIVATIONS
 from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
@@ -57,7 +63,7 @@ from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
-from onnx_spectral.verify import Verification, compare_models, reconstruction_error
+from onnx_spectral.verify import Verified, verify_on_held_out
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
 
@@ -68,6 +74,7 @@ class Prepared:
     `stream`: the calibration data (None with saved statistics and no data). `saved`: saved
     statistics to select from instead of calibrating. `batch`: samples per ONNX Runtime run.
     `cost`: the model's size and MACs at the shape it runs at (`deployment_inputs`).
+    `notes`: what the loading did; `warnings`: what the user should act on.
     """
 
     original: onnx.ModelProto
@@ -76,6 +83,7 @@ class Prepared:
     saved: SavedStatistics | None
     batch: int
     notes: tuple[str, ...]
+    warnings: tuple[str, ...]
     cost: ModelCost
 
 
@@ -100,24 +108,14 @@ class Calibrated:
 
     `first_batches`: the first batches holding `compensation_samples` samples, kept for the
     correction passes (empty unless asked for). `held_out`: the verification batches.
+    `warnings`: about the calibration (batches halved for memory, singular Gram matrices).
     """
 
     statistics: Statistics
     instrumented: Instrumented
     first_batches: tuple[FeedDict, ...]
     held_out: tuple[FeedDict, ...]
-    notes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Verified:
-    """Held-out agreement of the outputs (None without held-out data) and each pruned group's
-    mean relative reconstruction error over its taps, by group id; `float_verification`: the
-    float model's agreement when the model written is quantized."""
-
-    verification: Verification | None
-    group_errors: dict[int, float]
-    float_verification: Verification | None = None
+    warnings: tuple[str, ...]
 
 
 class _StageClock:
@@ -166,7 +164,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         with clock("calibrate"):
             calibrated = shared_statistics(prepared, options,
                                            corrections.need_batches or options.quantize != "none",
-                                           executor)
+                                           executor, _originals_to_keep(prepared, options,
+                                                                        corrections))
         with clock("select"):
             planned = plan(prepared, calibrated, options, corrections, costs, executor)
         with clock("rewrite"):
@@ -185,7 +184,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     finally:
         executor.close()
     cost_before = prepared.cost
-    notes = (*prepared.notes, *corrections.notes, *calibrated.notes, *correction_notes)
+    notes = (*prepared.notes, *corrections.notes, *correction_notes)
+    warnings = (*prepared.warnings, *calibrated.warnings)
     cost_after = model_cost(written, cost_before.input_shapes)
     if written is not compressed:  # the weights are integers now: count them as before
         cost_after = replace(cost_after, params=model_cost(compressed, None).params)
@@ -194,7 +194,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     if written is not compressed:
         sizes[options.quantize] = model_bytes(written)
     report = build_report(prepared, calibrated, planned, verified, cost_before,
-                          cost_after, options, clock.seconds, notes, sizes)
+                          cost_after, options, clock.seconds, notes, warnings, sizes)
     return written, report
 
 
@@ -216,8 +216,8 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     budget, `budget_costs` does); OptionsError when `quantize` cannot apply.
     """
     specs = model_input_specs(original)  # initializers listed as inputs are not data
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with catch_warnings(record=True) as caught:
+        simplefilter("always")
         stream = (None if calibration_data is None
                   else open_calibration(calibration_data, specs, preprocess=options.preprocess,
                                         seed=options.seed))
@@ -227,12 +227,11 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
             and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
         raise UnsupportedGraphError(nothing_prunable(analysis))
     saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
-    notes = [str(warning.message) for warning in caught]
+    warnings = [str(warning.message) for warning in caught]
     initializers_note = initializer_inputs_note(original, options.initializer_inputs)
-    if initializers_note is not None:
-        notes.append(initializers_note)
+    notes = () if initializers_note is None else (initializers_note,)
     if saved is not None:
-        notes.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
+        warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     if options.quantize != "none":
         problem = quantize_problem(original, options.quantize_exclude) or (
             None if saved is None else "--quantize needs calibration batches, not saved "
@@ -241,7 +240,7 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
             raise OptionsError(problem)
     batch = fixed_batch_size(specs) or options.batch_size
     cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
-    return Prepared(original, analysis, stream, saved, batch, tuple(notes), cost)
+    return Prepared(original, analysis, stream, saved, batch, notes, tuple(warnings), cost)
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
@@ -269,10 +268,12 @@ def decide_corrections(prepared: Prepared, options: CompressOptions) -> Correcti
 
 
 def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches: bool,
-                      executor: Executor | None = None) -> Calibrated:
+                      executor: Executor | None = None, keep: KeptActivations | None = None
+                      ) -> Calibrated:
     """Calibrate on the first `calib_samples` samples (or take the saved statistics), under the
     Gram budget, on `executor`'s workers (default: here); set the held-out batches apart; with
-    `keep_batches`, keep the first batches for the correction passes."""
+    `keep_batches`, keep the first batches for the correction passes, and with `keep` the
+    activations the compensation passes read (`calibrate`)."""
     analysis = prepared.analysis
     instrumented = _instrumented(prepared, options)
     stream = prepared.stream
@@ -291,12 +292,12 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
             calibration = teed(calibration, options.compensation_samples, first_batches)
         gathered = (calibrate(instrumented, calibration, options.provider,
                               total_samples=n_calib, progress=options.progress,
-                              executor=executor)
+                              executor=executor, keep=keep)
                     if analysis.taps and options.plan_options().needs_statistics
                     else Statistics({}, 0))
         held_out = list(stream.take(n_verify, prepared.batch))
-    notes = (*gathered.notes, *rank_notes(gathered, analysis.taps))
-    return Calibrated(gathered, instrumented, tuple(first_batches), tuple(held_out), notes)
+    warnings = (*gathered.notes, *rank_notes(gathered, analysis.taps))
+    return Calibrated(gathered, instrumented, tuple(first_batches), tuple(held_out), warnings)
 
 
 def plan(prepared: Prepared, calibrated: Calibrated, options: CompressOptions,
@@ -309,8 +310,20 @@ def plan(prepared: Prepared, calibrated: Calibrated, options: CompressOptions,
     if corrections.compensate:
         return compensated_plans(prepared.analysis, calibrated.statistics, plan_options,
                                  calibrated.first_batches, options.provider, costs,
-                                 executor=executor or LocalExecutor(options.progress))
+                                 executor=executor or LocalExecutor(options.progress),
+                                 originals_kept=calibrated.statistics.activations_kept)
     return plan_groups(prepared.analysis, calibrated.statistics, plan_options, costs)
+
+
+def _originals_to_keep(prepared: Prepared, options: CompressOptions,
+                       corrections: Corrections) -> KeptActivations | None:
+    """The original model's activations the compensation passes read, kept by calibration's
+    own pass over the first batches (rather than one more pass)."""
+    later = later_taps(prepared.analysis) if corrections.compensate else []
+    if not later:
+        return None
+    return KeptActivations(tuple(tap.tensor for tap in later), options.compensation_samples,
+                           ORIGINAL_ACTIVATIONS, COMPENSATION_CACHE_BYTES)
 
 
 def rewrite_model(prepared: Prepared, planned: Sequence[PlannedGroup]) -> onnx.ModelProto:
@@ -347,45 +360,27 @@ def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrat
            planned: Sequence[PlannedGroup], options: CompressOptions,
            float_model: onnx.ModelProto | None = None, executor: Executor | None = None
            ) -> Verified:
-    """Output agreement of `compressed` (and of `float_model`, the model before quantization,
-    when given), and each pruned group's reconstruction error, on held-out data (passes on
-    `executor`'s workers)."""
-    held_out = calibrated.held_out
-    if not held_out:
-        return Verified(None, {})
-    executor = executor or LocalExecutor(options.progress)
-    verification = compare_models(prepared.original, compressed, held_out, options.provider,
-                                  executor)
-    floating = (None if float_model is None
-                else compare_models(prepared.original, float_model, held_out, options.provider,
-                                    executor))
-    if not planned:
-        return Verified(verification, {}, floating)
-    statistics = calibrate(calibrated.instrumented, held_out, options.provider,
-                           executor=executor, desc="held-out statistics")
-    errors = {}
-    for item in planned:
-        plan = item.plan
-        per_tap = [reconstruction_error(statistics[tap.tensor], plan.kept,
-                                        plan.reconstructions[tap.tensor])
-                   for tap in plan.group.taps]
-        if per_tap:  # a group read only through concatenations has no tap of its own
-            errors[plan.group.id] = float(np.mean(per_tap))
-    return Verified(verification, errors, floating)
+    """`verify_on_held_out` with this run's models, held-out batches and workers."""
+    return verify_on_held_out(prepared.original, compressed, calibrated.instrumented,
+                              calibrated.held_out, [item.plan for item in planned],
+                              options.provider, executor or LocalExecutor(options.progress),
+                              float_model)
 
 
 def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[PlannedGroup],
                  verified: Verified, cost_before: ModelCost, cost_after: ModelCost,
                  options: CompressOptions, seconds: dict[str, float], notes: Sequence[str],
-                 sizes: dict[str, int] | None = None) -> Report:
-    """The report of a run; notes on missing verification and an unchanged model added.
-    `sizes`: serialized bytes of the original, the compressed and the quantized model."""
-    notes = list(notes)
+                 warnings: Sequence[str], sizes: dict[str, int] | None = None) -> Report:
+    """The report of a run; warnings on missing verification and an unchanged model added.
+    `notes`: what the run did; `warnings`: what the user should act on; `sizes`: serialized
+    bytes of the original, the compressed and the quantized model."""
+    warnings = list(warnings)
     if not calibrated.held_out:
-        notes.append("no held-out samples were left for verification: give more data or "
-                     "lower --calib-samples")
+        warnings.append("no held-out samples were left for verification: give more data or "
+                        "lower --calib-samples")
     if not prepared.analysis.prunable:
-        notes.append("no channel group is prunable: the model is unchanged (see the reasons)")
+        warnings.append("no channel group is prunable: the model is unchanged (see the "
+                        "reasons)")
     return Report(
         groups=group_reports(prepared.analysis, planned, verified.group_errors),
         cost_before=cost_before,
@@ -396,7 +391,8 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
         sizes=sizes or {},
         options=options.summary(),
         seconds=seconds,
-        warnings=tuple(notes),
+        notes=tuple(notes),
+        warnings=tuple(warnings),
     )
 
 

@@ -75,7 +75,10 @@ class Report:
     options: Mapping[str, Any]
     seconds: Mapping[str, float]
     """Wall-clock seconds per pipeline stage."""
+    notes: tuple[str, ...] = ()
+    """What the run did that the table does not show (layers refitted, corrections skipped)."""
     warnings: tuple[str, ...] = ()
+    """What the user should act on (more data, a smaller batch, an unchanged model)."""
     float_verification: Verification | None = None
     """The float model's agreement, when the model written (`verification`) is quantized."""
     sizes: Mapping[str, int] = field(default_factory=dict)
@@ -96,6 +99,7 @@ class Report:
             "bytes": dict(self.sizes),
             "options": dict(self.options),
             "seconds": dict(self.seconds),
+            "notes": list(self.notes),
             "warnings": list(self.warnings),
         }
 
@@ -127,6 +131,7 @@ class Report:
                                      if quantized else "")):
             if verification is not None:
                 lines.extend(_verification_lines(verification, which))
+        lines.extend(f"note: {note}" for note in self.notes)
         lines.extend(f"warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
 

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_spectral.calibration.collect import TapStatistics
+from onnx_spectral.calibration.collect import TapStatistics, calibrate
+from onnx_spectral.calibration.instrument import Instrumented
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.errors import ModelError, ResourceError, RewriteError
 from onnx_spectral.graph.executor import (
@@ -24,6 +25,7 @@ from onnx_spectral.graph.executor import (
     batch_samples,
 )
 from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
+from onnx_spectral.selection.plan import GroupPlan
 
 
 @dataclass(frozen=True)
@@ -176,3 +178,40 @@ def reconstruction_error(statistics: TapStatistics, kept: np.ndarray,
     kept_part = float(np.einsum("fj,jk,fk->", reconstruction, sigma[np.ix_(kept, kept)],
                                 reconstruction))
     return max(total - 2.0 * cross + kept_part, 0.0) / total
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Held-out agreement of the outputs (None without held-out data) and each pruned group's
+    mean relative reconstruction error over its taps, by group id; `float_verification`: the
+    float model's agreement when the model written is quantized."""
+
+    verification: Verification | None
+    group_errors: dict[int, float]
+    float_verification: Verification | None = None
+
+
+def verify_on_held_out(original: onnx.ModelProto, compressed: onnx.ModelProto,
+                       instrumented: Instrumented, held_out: Sequence[FeedDict],
+                       plans: Sequence[GroupPlan], provider: Provider, executor: Executor,
+                       float_model: onnx.ModelProto | None = None) -> Verified:
+    """Output agreement of `compressed` with `original` (and of `float_model`, the model before
+    quantization, when given), and each pruned group's reconstruction error from the
+    `instrumented` original's statistics, on the `held_out` batches."""
+    if not held_out:
+        return Verified(None, {})
+    verification = compare_models(original, compressed, held_out, provider, executor)
+    floating = (None if float_model is None
+                else compare_models(original, float_model, held_out, provider, executor))
+    if not plans:
+        return Verified(verification, {}, floating)
+    statistics = calibrate(instrumented, held_out, provider, executor=executor,
+                           desc="held-out statistics")
+    errors = {}
+    for plan in plans:
+        per_tap = [reconstruction_error(statistics[tap.tensor], plan.kept,
+                                        plan.reconstructions[tap.tensor])
+                   for tap in plan.group.taps]
+        if per_tap:  # a group read only through concatenations has no tap of its own
+            errors[plan.group.id] = float(np.mean(per_tap))
+    return Verified(verification, errors, floating)

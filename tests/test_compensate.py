@@ -8,6 +8,9 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
+from onnx_spectral.calibration.collect import KeptActivations, calibrate
+from onnx_spectral.calibration.instrument import instrument
+from onnx_spectral.correction.compensate import later_taps
 from onnx_spectral.correction.cross_run import (
     ORIGINAL_ACTIVATIONS,
     cross_statistics,
@@ -80,6 +83,39 @@ def test_cross_statistics_match_the_two_models_run_apart() -> None:
                                atol=1e-6)
     assert not original_activations(analysis, second.taps, batches, "cpu", 100, executor)
     assert executor.cache.size(ORIGINAL_ACTIVATIONS) == 0
+
+
+def test_calibration_keeps_the_original_activations_the_compensation_passes_read() -> None:
+    """With `keep`, the calibration pass leaves the later taps' activations of the batches that
+    start before sample 6 in the cache (batches of 4, 2 and 6 samples), equal to a pass of
+    their own, and the statistics do not change; past the byte limit nothing is kept."""
+    analysis = analyze(three_convs())
+    tensors = tuple(tap.tensor for tap in later_taps(analysis))
+    assert tensors
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((size, 3, 8, 8)).astype(np.float32)}
+               for size in (4, 2, 6)]
+    instrumented = instrument(analysis.graph, analysis.taps)
+    executor = LocalExecutor()
+    keep = KeptActivations(tensors, 6, ORIGINAL_ACTIVATIONS, 1 << 20)
+    kept = calibrate(instrumented, batches, "cpu", executor=executor, keep=keep)
+    assert kept.activations_kept
+    assert sorted(executor.cache.entries[ORIGINAL_ACTIVATIONS]) == [0, 1]
+    reference = LocalExecutor()
+    assert original_activations(analysis, later_taps(analysis), batches[:2], "cpu", 1 << 20,
+                                reference)
+    for index in (0, 1):
+        for tensor in tensors:
+            np.testing.assert_array_equal(
+                executor.cache.get(ORIGINAL_ACTIVATIONS, index)[tensor],
+                reference.cache.get(ORIGINAL_ACTIVATIONS, index)[tensor])
+    plain = calibrate(instrumented, batches, "cpu")
+    for tap in analysis.taps:
+        np.testing.assert_allclose(kept[tap.tensor].gram, plain[tap.tensor].gram, rtol=1e-6)
+    small = LocalExecutor()
+    over = calibrate(instrumented, batches, "cpu", executor=small,
+                     keep=KeptActivations(tensors, 6, ORIGINAL_ACTIVATIONS, 100))
+    assert not over.activations_kept and small.cache.size(ORIGINAL_ACTIVATIONS) == 0
 
 
 def test_compensation_lowers_the_output_error_and_is_exact_at_full_width() -> None:

@@ -114,7 +114,7 @@ def test_refit_is_on_by_default_and_lowers_the_error_of_a_pruned_chain() -> None
                                       calib_samples=300, verify_samples=0, **options)
         output = open_session(compressed, "cpu").run(None, test)[0]
         return (float(np.linalg.norm(output - reference) / np.linalg.norm(reference)),
-                report.warnings)
+                report.notes)
 
     with_refit, notes = error()
     without, _ = error(refit=False)

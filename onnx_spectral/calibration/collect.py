@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
 from onnx_spectral.analysis import Tap
 from onnx_spectral.calibration.instrument import Instrumented, TapOutputs, assemble_gram
@@ -61,6 +62,8 @@ class Statistics:
     samples: int
     notes: tuple[str, ...] = ()
     """Warnings for the report (e.g. the batch was halved after running out of memory)."""
+    activations_kept: bool = False
+    """Whether the workers' caches hold the activations `calibrate` was asked to keep."""
 
     def __getitem__(self, tensor: str) -> TapStatistics:
         try:
@@ -87,7 +90,8 @@ class _TapSums:
 
 def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider: Provider,
               *, total_samples: int | None = None, progress: bool = False,
-              executor: Executor | None = None, desc: str = "calibrating") -> Statistics:
+              executor: Executor | None = None, desc: str = "calibrating",
+              keep: KeptActivations | None = None) -> Statistics:
     """Feed `batches` to the instrumented model; raise StatisticsError if none came.
 
     Runs through ONNX Runtime's I/O binding: inputs are bound from the host arrays, outputs
@@ -97,16 +101,20 @@ def calibrate(instrumented: Instrumented, batches: Iterable[FeedDict], provider:
     batches are split the same way; ResourceError when even one sample does not fit. A
     non-finite statistic raises DataError naming the tap tensor. `executor`: where the pass
     runs (default: in this process, with a progress bar labelled `desc` when `progress`).
+    `keep`: tensors of the model to leave in the workers' caches for the first batches (the
+    compensation passes read them); `Statistics.activations_kept` says whether all were kept.
     """
     executor = executor or LocalExecutor(progress)
-    sums = executor.fold(GramPass(instrumented.model, instrumented.taps, provider), batches,
-                         desc=desc, total=total_samples)
+    sums = executor.fold(GramPass(instrumented.model, instrumented.taps, provider, keep),
+                         batches, desc=desc, total=total_samples)
+    if keep is not None and not sums.kept:
+        executor.forget(keep.namespace)
     if sums.samples == 0:
         raise StatisticsError("calibration received no samples: the data source is empty")
     accumulated = {tap.tensor: TapStatistics(
         assemble_gram(tap.channels, list(zip(tap.blocks, sums.blocks[tap.tensor], strict=True))),
         sums.totals[tap.tensor], sums.counts[tap.tensor]) for tap in instrumented.taps}
-    return Statistics(accumulated, sums.samples, sums.notes)
+    return Statistics(accumulated, sums.samples, sums.notes, keep is not None and sums.kept)
 
 
 @dataclass(frozen=True)
@@ -119,70 +127,135 @@ class GramSums:
     counts: dict[str, int]
     samples: int
     notes: tuple[str, ...]
+    kept: bool
+    """Whether the worker kept every activation asked for (`KeptActivations`)."""
+
+
+@dataclass(frozen=True)
+class KeptActivations:
+    """Tensors of the model to keep, as float32, in the workers' caches under `namespace` (by
+    batch index, {tensor: array}) for the batches that start before sample `samples`, as long
+    as a worker's share stays within `limit_bytes` (else none are kept)."""
+
+    tensors: tuple[str, ...]
+    samples: int
+    namespace: str
+    limit_bytes: int
 
 
 @dataclass(frozen=True)
 class GramPass:
-    """The calibration pass of an instrumented model (a `PassTask`)."""
+    """The calibration pass of an instrumented model (a `PassTask`); with `keep`, the first
+    batches run a copy that also returns those tensors."""
 
     model: onnx.ModelProto
     taps: tuple[TapOutputs, ...]
     provider: Provider
+    keep: KeptActivations | None = None
 
     def start(self, cache: WorkerCache) -> _GramAccumulator:
-        try:
-            session = open_session(self.model, self.provider)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise ResourceError(f"out of memory loading the model into ONNX Runtime: {exc}"
-                                    ) from exc
-            raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
-        return _GramAccumulator(_SplittingRunner(session, self.taps))
+        runner = _SplittingRunner(_session(self.model, self.provider), self.taps)
+        keeping = None
+        if self.keep is not None:
+            cache.forget(self.keep.namespace)
+            model = _with_outputs(self.model, self.keep.tensors)
+            keeping = _SplittingRunner(_session(model, self.provider), self.taps,
+                                       self.keep.tensors)
+        return _GramAccumulator(runner, keeping, self.keep, cache)
 
     def merge(self, first: GramSums, second: GramSums) -> GramSums:
         return GramSums(add_sums(first.blocks, second.blocks),
                         add_sums(first.totals, second.totals),
                         add_sums(first.counts, second.counts), first.samples + second.samples,
-                        tuple(dict.fromkeys((*first.notes, *second.notes))))
+                        tuple(dict.fromkeys((*first.notes, *second.notes))),
+                        first.kept and second.kept)
+
+
+def _session(model: onnx.ModelProto, provider: Provider) -> Any:
+    try:
+        return open_session(model, provider)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise ResourceError(f"out of memory loading the model into ONNX Runtime: {exc}"
+                                ) from exc
+        raise ModelError(f"ONNX Runtime cannot load the model: {exc}") from exc
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `tensors` (typed as its value_info says)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in (*model.graph.value_info, *model.graph.input)}
+    copy.graph.output.extend(helper.make_tensor_value_info(name, types.get(name) or
+                                                           TensorProto.FLOAT, None)
+                             for name in tensors)
+    return copy
 
 
 class _GramAccumulator:
-    def __init__(self, runner: _SplittingRunner) -> None:
+    def __init__(self, runner: _SplittingRunner, keeping: _SplittingRunner | None,
+                 keep: KeptActivations | None, cache: WorkerCache) -> None:
         self.runner = runner
+        self.keeping = keeping
+        self.keep = keep
+        self.cache = cache
+        self.kept = keep is not None
         self.sums = {tap.tensor: _TapSums(tap) for tap in runner.taps}
         self.samples = 0
 
     def add(self, batch: Batch) -> None:
-        self.runner.run(batch.feeds, batch.offset, self.sums)
         self.samples += batch.samples
+        keep = self.keep
+        if keep is None or self.keeping is None or batch.offset >= keep.samples \
+                or not self.kept:
+            self.runner.run(batch.feeds, batch.offset, self.sums)
+            return
+        values = self.keeping.run(batch.feeds, batch.offset, self.sums)
+        size = sum(value.nbytes for value in values)
+        if self.cache.size(keep.namespace) + size > keep.limit_bytes:
+            self.kept = False
+            self.cache.forget(keep.namespace)
+            return
+        self.cache.put(keep.namespace, batch.index,
+                       dict(zip(keep.tensors, values, strict=True)), size)
 
     def result(self) -> GramSums:
+        notes = (*self.runner.notes(), *(self.keeping.notes() if self.keeping else ()))
         return GramSums({tensor: sums.blocks for tensor, sums in self.sums.items()},
                         {tensor: sums.total for tensor, sums in self.sums.items()},
                         {tensor: sums.count for tensor, sums in self.sums.items()},
-                        self.samples, self.runner.notes())
+                        self.samples, tuple(dict.fromkeys(notes)), self.kept)
 
 
 class _SplittingRunner:
-    """Runs the instrumented session by I/O binding, in pieces of at most `limit` samples."""
+    """Runs the instrumented session by I/O binding, in pieces of at most `limit` samples;
+    `extra`: further outputs of the session, copied to the host."""
 
-    def __init__(self, session: Any, taps: tuple[TapOutputs, ...]) -> None:
+    def __init__(self, session: Any, taps: tuple[TapOutputs, ...],
+                 extra: tuple[str, ...] = ()) -> None:
         self.session = session
         self.taps = taps
+        self.extra = extra
         device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.binding = session.io_binding()
         for tap in taps:
             for name in (*(block.name for block in tap.blocks), tap.total):
                 self.binding.bind_output(name, device)
             self.binding.bind_output(tap.shape, "cpu")
+        for name in extra:
+            self.binding.bind_output(name, "cpu")
         self.limit: int | None = None
         self.first_failure: int | None = None
 
-    def run(self, feeds: FeedDict, offset: int, sums: Mapping[str, _TapSums]) -> None:
-        """Add the statistics of `feeds` (samples offset..offset+b of the run) to `sums`."""
+    def run(self, feeds: FeedDict, offset: int, sums: Mapping[str, _TapSums]
+            ) -> list[np.ndarray]:
+        """Add the statistics of `feeds` (samples offset..offset+b of the run) to `sums`;
+        return the `extra` outputs over the whole batch, as float32."""
         size = batch_samples(feeds)
         step = size if self.limit is None else min(self.limit, size)
         start = 0
+        pieces: list[list[np.ndarray]] = []
         while start < size:
             try:
                 results = self._run_piece({name: array[start:start + step]
@@ -199,11 +272,16 @@ class _SplittingRunner:
                 self.limit = step
                 continue
             self._add(results, offset + start, step, sums)
+            pieces.append(results[len(results) - len(self.extra):] if self.extra else [])
             start += step
+        return [np.concatenate([np.asarray(piece[i], dtype=np.float32) for piece in pieces])
+                for i in range(len(self.extra))]
 
     def _run_piece(self, piece: FeedDict) -> list[np.ndarray]:
         for name, array in piece.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.extra:  # unallocated again: their shapes follow the batch
+            self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
         return list(self.binding.copy_outputs_to_cpu())
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from onnx_spectral.analysis import Analysis
+from onnx_spectral.analysis import Analysis, Tap
 from onnx_spectral.calibration.collect import Statistics
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.correction.cross_run import (
@@ -28,26 +28,38 @@ from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, allocate_widths, plan_group
 
+#: A worker's share of the original model's tap activations kept for the compensation passes.
+CACHE_BYTES = 1 << 30
+
+
+def later_taps(analysis: Analysis) -> list[Tap]:
+    """The taps of the groups pruned after the first pass: the original model's activations
+    the compensation passes read."""
+    return [tap for groups in schedule(analysis)[1:] for group in groups for tap in group.taps]
+
 
 def compensated_plans(analysis: Analysis, statistics: Statistics, options: PlanOptions,
                       batches: Sequence[FeedDict], provider: Provider,
-                      costs: GroupCosts | None = None, cache_bytes: int = 1 << 30,
-                      executor: Executor | None = None) -> tuple[PlannedGroup, ...]:
+                      costs: GroupCosts | None = None, cache_bytes: int = CACHE_BYTES,
+                      executor: Executor | None = None, originals_kept: bool = False
+                      ) -> tuple[PlannedGroup, ...]:
     """Plans with sequential compensation; widths and kept channels as `plan_groups` chooses.
 
     `batches`: the calibration batches read by each pass after the first. The original model's
     tap activations are computed once and kept by the workers (`executor`, default this
     process) when a worker's share fits in `cache_bytes`; each pass then runs only the pruned
-    model up to its taps. Otherwise every pass runs both models.
+    model up to its taps. Otherwise every pass runs both models. `originals_kept`: the
+    calibration pass left those activations (`later_taps`) in the caches already.
     """
     executor = executor or LocalExecutor()
     widths, paths = allocate_widths(analysis, statistics, options, costs)
     width_of = {group.id: int(width) for group, width in zip(analysis.prunable, widths,
                                                               strict=True)}
     passes = schedule(analysis)
-    later = [tap for groups in passes[1:] for group in groups for tap in group.taps]
-    cached = (bool(later) and options.reconstruct
-              and original_activations(analysis, later, batches, provider, cache_bytes, executor))
+    later = later_taps(analysis)
+    cached = bool(later) and options.reconstruct and (
+        originals_kept
+        or original_activations(analysis, later, batches, provider, cache_bytes, executor))
     planned: dict[int, PlannedGroup] = {}
     for number, groups in enumerate(passes):
         compensation = None

@@ -386,15 +386,22 @@ def on_disk(model: onnx.ModelProto, sparse: bool = False) -> Iterator[Path]:
 
 def infer_shapes(model: onnx.ModelProto, **options: bool) -> onnx.ModelProto:
     """ONNX shape inference for a model of any size; returns a model with the inferred
-    value_info and outputs (the same object as `model` when it is large)."""
-    if not is_large(model):
-        return onnx.shape_inference.infer_shapes(model, **options)
+    value_info, outputs and nodes (whose subgraphs get their value_info): a copy of `model`,
+    `model` itself when it is large.
+
+    Inference runs on the skeleton (tensors over STUB_BYTES as external references), so the
+    weights are neither serialized for the C++ inference nor parsed back.
+    """
     inferred = onnx.shape_inference.infer_shapes(skeleton(model), **options)
-    for name in ("value_info", "output"):
-        field = getattr(model.graph, name)
+    result = model
+    if not is_large(model):
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+    for name in ("node", "value_info", "output"):
+        field = getattr(result.graph, name)
         del field[:]
         field.extend(getattr(inferred.graph, name))
-    return model
+    return result
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:

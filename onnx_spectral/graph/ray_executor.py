@@ -77,7 +77,11 @@ class RayExecutor(Executor):
                                    "give the address that 'ray start --head' printed, or "
                                    "'local' to start one in this process") from exc
         resources = ray.cluster_resources()
-        count = workers or max(int(resources.get("CPU", 1)) // threads, 1)
+        cpus = int(resources.get("CPU", 0))
+        count = workers or max(cpus // threads, 1)
+        if count * threads > cpus:
+            raise OptionsError(f"--ray-workers {count}: {count * threads} CPUs wanted, the Ray "
+                               f"cluster has {cpus}; give at most {cpus // threads} workers")
         gpus = 1 if provider != "cpu" and resources.get("GPU", 0) >= count else 0
         actor = ray.remote(num_cpus=threads, num_gpus=gpus)(PassWorker)
         self.workers = [actor.remote(threads) for _ in range(count)]
