@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from scipy.linalg import cho_factor, cho_solve
 
 from onnx_spectral.analysis import Analysis
 from onnx_spectral.calibration.sources import FeedDict
@@ -204,14 +205,15 @@ def _fit(source: LayerSource, batches: Sequence[FeedDict], executor: Executor,
     ridge = _cross_validated_ridge(halves, layer, current, both.error(current))
     if ridge is None:
         return "no ridge fits held-out rows better than its current weights"
-    solution = _solve(both.gram, both.cross, layer, ridge, current)
+    system = _RidgeSystem(both.gram, layer, ridge, current)
+    solution = system.solve(both.cross)
     previous = solution
     for step in range(RELU_PASSES if layer.rectified else 0):
         point = solution + step / (step + 3) * (solution - previous)
         previous = solution
         cross = executor.fold(RelaxedCrossPass(source, point), batches,
                               desc=f"{desc} (relaxed {step + 1}/{RELU_PASSES})", total=total)
-        solution = _solve(both.gram, cross, layer, ridge, current)
+        solution = system.solve(cross)
     return solution
 
 
@@ -243,20 +245,39 @@ def _current(model: onnx.ModelProto, layer: RefitLayer) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
+class _RidgeSystem:
+    """The ridge normal equations ``(G + r I) W = C + r W_prior`` of one layer, factored once
+    (Cholesky) and solved for as many right-hand sides as the relaxed passes bring. The ridge
+    ``r`` (rho * mean feature energy) spares the bias. `gram` G [d', d'], `prior` [d', C_out].
+    """
+
+    def __init__(self, gram: np.ndarray, layer: RefitLayer, rho: float, prior: np.ndarray
+                 ) -> None:
+        d = self.features = layer.features
+        self.regularized = gram.copy()
+        self.ridge = max(rho * float(np.trace(gram[:d, :d])) / max(d, 1),
+                         np.finfo(np.float64).tiny)
+        self.regularized[np.arange(d), np.arange(d)] += self.ridge
+        self.pull = self.ridge * prior[:d]
+        try:
+            self.factor: tuple[np.ndarray, bool] | None = cho_factor(self.regularized)
+        except np.linalg.LinAlgError:  # e.g. all rows of a half zero: least-norm solutions
+            self.factor = None
+
+    def solve(self, cross: np.ndarray) -> np.ndarray:
+        """The solution [d', C_out] for the cross statistics `cross` [d', C_out]."""
+        cross = cross.copy()
+        cross[:self.features] += self.pull
+        if self.factor is not None:
+            return np.asarray(cho_solve(self.factor, cross))
+        return np.linalg.lstsq(self.regularized, cross, rcond=None)[0]
+
+
 def _solve(gram: np.ndarray, cross: np.ndarray, layer: RefitLayer, rho: float,
            prior: np.ndarray) -> np.ndarray:
-    """Ridge solution [d', C_out] pulled toward `prior` [d', C_out]; the ridge (rho * mean
-    feature energy) spares the bias. `gram` [d', d'], `cross` [d', C_out]."""
-    d = layer.features
-    regularized = gram.copy()
-    ridge = max(rho * float(np.trace(gram[:d, :d])) / max(d, 1), np.finfo(np.float64).tiny)
-    regularized[np.arange(d), np.arange(d)] += ridge
-    cross = cross.copy()
-    cross[:d] += ridge * prior[:d]
-    try:
-        return np.linalg.solve(regularized, cross)
-    except np.linalg.LinAlgError:  # e.g. all rows of a half zero: least-norm solution
-        return np.linalg.lstsq(regularized, cross, rcond=None)[0]
+    """Ridge solution [d', C_out] pulled toward `prior` [d', C_out] (`_RidgeSystem`), for one
+    right-hand side `cross` [d', C_out]."""
+    return _RidgeSystem(gram, layer, rho, prior).solve(cross)
 
 
 def _write(model: onnx.ModelProto, layer: RefitLayer, solution: np.ndarray) -> None:
