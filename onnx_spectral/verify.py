@@ -22,7 +22,7 @@ from onnx_spectral.graph.executor import (
     LocalExecutor,
     Sums,
     WorkerCache,
-    batch_samples,
+    total_samples,
 )
 from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 from onnx_spectral.selection.plan import GroupPlan
@@ -155,7 +155,7 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto,
     this process) and compare every output."""
     executor = executor or LocalExecutor()
     sums = executor.fold(_AgreementPass(original, compressed, provider), batches,
-                         desc="verifying", total=sum(batch_samples(feeds) for feeds in batches))
+                         desc="verifying", total=total_samples(batches))
     if -1 not in sums:
         return Verification(0, ())
     outputs = tuple(_agreement(value.name, sums[index])

@@ -1,6 +1,7 @@
 """End-to-end compression time over one plain inference pass, per stage; and the Ray path.
 
     python tools/bench_e2e.py [--models crepe-full resnet50 minilm] [--ray-workers 1 2 4]
+                              [--calib-samples N]
 
 For each model, in one process, side by side with the same ONNX Runtime threads:
   plain   one ONNX Runtime inference pass of the original model over the calibration samples,
@@ -86,8 +87,13 @@ def _kept(report: Any) -> list[int]:
     return [group.kept for group in report.groups]
 
 
-def bench(name: str, ratio: float, workers: list[int]) -> None:
+def bench(name: str, ratio: float, workers: list[int], calibration: int | None) -> None:
     path, data, samples = model_and_data(name)
+    if calibration is not None:  # fewer calibration samples, the same held-out ones
+        held_out = {key: value[samples:] for key, value in data.items()}
+        data = {key: np.concatenate([value[:calibration], held_out[key]])
+                for key, value in data.items()}
+        samples = calibration
     batch = fixed_batch_size(model_input_specs(load_model(str(path)))) or 32
     plain = plain_pass(path, data, samples, batch)
     total, report = timed_compress(path, data, samples, ratio)
@@ -118,10 +124,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["crepe-full", "resnet50", "minilm"])
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--ray-workers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--calib-samples", type=int,
+                        help="calibrate on this many samples instead of the model's default")
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}; {len(os.sched_getaffinity(0))} CPUs")
     for name in args.models:
-        bench(name, args.ratio, args.ray_workers)
+        bench(name, args.ratio, args.ray_workers, args.calib_samples)
 
 
 if __name__ == "__main__":

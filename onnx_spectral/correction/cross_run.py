@@ -15,7 +15,14 @@ from onnx_spectral.analysis import Analysis, Tap
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.correction.merged import CrossOutputs
 from onnx_spectral.errors import StatisticsError
-from onnx_spectral.graph.executor import Batch, Executor, LocalExecutor, Sums, WorkerCache
+from onnx_spectral.graph.executor import (
+    Batch,
+    Executor,
+    LocalExecutor,
+    Sums,
+    WorkerCache,
+    total_samples,
+)
 from onnx_spectral.graph.sessions import Provider, open_session
 from onnx_spectral.selection.moments import CrossMoments
 
@@ -35,7 +42,7 @@ def cross_statistics(model: onnx.ModelProto, outputs: Sequence[CrossOutputs],
     workers' caches for these batches."""
     executor = executor or LocalExecutor()
     sums: CrossSums = executor.fold(_CrossPass(model, tuple(outputs), provider, cached),
-                                    batches, desc=desc, total=_samples(batches))
+                                    batches, desc=desc, total=total_samples(batches))
     if not sums:
         raise StatisticsError("compensation received no samples: the data source is empty")
     moments = {}
@@ -142,10 +149,6 @@ class _OriginalAccumulator:
 
     def result(self) -> bool:
         return self.complete
-
-
-def _samples(batches: Sequence[FeedDict]) -> int:
-    return sum(len(next(iter(feeds.values()))) for feeds in batches)
 
 
 def _elem_type(analysis: Analysis, tensor: str) -> int:

@@ -57,7 +57,7 @@ from onnx_spectral.correction.refit_rows import (
     constant,
     layer_weight,
 )
-from onnx_spectral.graph.executor import Executor, LocalExecutor
+from onnx_spectral.graph.executor import Executor, LocalExecutor, total_samples
 from onnx_spectral.graph.sessions import Provider
 from onnx_spectral.ops import linear_layer_for
 from onnx_spectral.ops.linear_layer import LinearLayer
@@ -185,7 +185,7 @@ def _fit(source: LayerSource, batches: Sequence[FeedDict], executor: Executor,
     layer = source.layer
     outputs = layer.view.weight_matrix(layer.node, layer_weight(source.model, layer)).shape[0]
     desc = f"refit {layer.node.name}"
-    total = sum(len(next(iter(feeds.values()))) for feeds in batches)
+    total = total_samples(batches)
     sums: LayerSums = executor.fold(NormalEquationsPass(source, outputs), batches, desc=desc,
                                      total=total)
     if sums.width_mismatch:

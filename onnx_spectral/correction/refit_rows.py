@@ -18,8 +18,8 @@ from onnx_spectral.graph.sessions import Provider, open_session
 from onnx_spectral.graph.submodel import submodel
 from onnx_spectral.ops.linear_layer import LinearLayer
 
-#: Activations of one layer (its input and the original's output, all batches) kept in memory
-#: for the relaxed passes; past this, each pass runs the two models again.
+#: Activations of one layer (its input and the original's output) a worker keeps for the
+#: relaxed passes; past this, each pass runs the two models again for the batches left out.
 CACHE_BYTES = 512 * 2**20
 
 
@@ -58,7 +58,7 @@ class NormalEquations:
 
     def merged(self, other: NormalEquations) -> NormalEquations:
         return NormalEquations(self.gram + other.gram, self.cross + other.cross,
-                                self.energy + other.energy, self.rows + other.rows)
+                               self.energy + other.energy, self.rows + other.rows)
 
     def error(self, solution: np.ndarray) -> float:
         """Sum of squared residuals of `solution` [d', C_out] over these rows."""
@@ -67,6 +67,7 @@ class NormalEquations:
 
 
 def constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The initializer `name` of `model` as an array (None when there is none)."""
     for tensor in model.graph.initializer:
         if tensor.name == name:
             return numpy_helper.to_array(tensor)
@@ -81,7 +82,7 @@ def layer_weight(model: onnx.ModelProto, layer: RefitLayer) -> np.ndarray:
 
 
 def layer_rows(layer: RefitLayer, inputs: np.ndarray, outputs: np.ndarray, weight: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(features [n, d], targets [n, C_out]) of one batch, float32 (their products are summed
     in float64 over the batches)."""
     node = layer.node
@@ -172,7 +173,7 @@ class LayerSums:
         else:
             halves = [a.merged(b) for a, b in zip(self.halves, other.halves, strict=True)]
         return LayerSums(halves, self.samples + other.samples,
-                          self.width_mismatch or other.width_mismatch)
+                         self.width_mismatch or other.width_mismatch)
 
 
 @dataclass(frozen=True)

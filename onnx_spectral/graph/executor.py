@@ -47,6 +47,11 @@ def batch_samples(feeds: Feeds) -> int:
     return len(next(iter(feeds.values())))
 
 
+def total_samples(batches: Iterable[Feeds]) -> int:
+    """Samples in all `batches`."""
+    return sum(batch_samples(feeds) for feeds in batches)
+
+
 class Accumulator(Protocol[R_co]):
     """Sums of one pass on one worker."""
 

@@ -15,7 +15,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from onnx_spectral.errors import OptionsError
-from onnx_spectral.graph.executor import Batch, Executor, Feeds, PassTask, R, WorkerCache
+from onnx_spectral.graph.executor import (
+    Batch,
+    Executor,
+    Feeds,
+    PassTask,
+    R,
+    WorkerCache,
+    batch_samples,
+)
 from onnx_spectral.graph.sessions import Provider, set_session_threads
 
 #: Batches in flight per worker before the driver waits for one to finish.
@@ -101,7 +109,7 @@ class RayExecutor(Executor):
             for index, (feeds, sent) in enumerate(self._sendable(batches)):
                 worker = self.workers[index % len(self.workers)]
                 pending.append(worker.add.remote(key, index, offset, sent))
-                offset += len(next(iter(feeds.values())))
+                offset += batch_samples(feeds)
                 if len(pending) >= limit:
                     done, pending = ray.wait(pending, num_returns=1)
                     self._get(done)
