@@ -202,20 +202,32 @@ def test_cached_activations_give_the_same_fit_as_running_the_models_again(
     original = _chain()
     pruned = _changed(original, ("conv1_w",), _half_of_conv1_dropped)
     batches = _batches(4, seed=1)
-    runs: list[str] = []
+    runs: list[list[str]] = []
     real_open = refit_rows._open
 
-    def counted(model: onnx.ModelProto, name: str, *args: object) -> object:
-        runs.append(name)
-        return real_open(model, name, *args)  # type: ignore[arg-type]
+    def counted(model: onnx.ModelProto, names: list[str], *args: object) -> object:
+        runs.append(list(names))
+        return real_open(model, names, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(refit_rows, "_open", counted)
     cached, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
-    # conv2 (read by a Relu: 1 + RELU_PASSES passes) and conv3: two models run once per layer
-    assert len(runs) == 4
+    # the original once for both layers' targets (after a one-sample probe of their sizes),
+    # the pruned model once per layer: conv2 (read by a Relu: 1 + RELU_PASSES passes, cached)
+    # reads relu1, conv3 relu2
+    targets = ["conv2", "conv3"]
+    assert runs == [targets, targets, ["relu1"], ["relu2"]]
+    runs.clear()
     monkeypatch.setattr(refit_rows, "CACHE_BYTES", 0)
     rerun, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
-    assert len(runs) == 4 + 2 * (1 + refit.RELU_PASSES) + 2
+    assert runs == [targets, targets, *[["relu1"]] * (1 + refit.RELU_PASSES), ["relu2"]]
+    runs.clear()
+    monkeypatch.setattr(refit_rows, "TARGET_BYTES", 0)  # no targets kept: one run per layer
+    alone, _ = refit_layers(original, pruned, {}, ["conv1"], batches, "cpu")
+    assert runs == [targets, *[["relu1"], ["conv2"]] * (1 + refit.RELU_PASSES), ["relu2"],
+                    ["conv3"]]
+    for a, b in zip(cached.graph.initializer, alone.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a),
+                                      onnx.numpy_helper.to_array(b))
     for a, b in zip(cached.graph.initializer, rerun.graph.initializer, strict=True):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a),
                                       onnx.numpy_helper.to_array(b))

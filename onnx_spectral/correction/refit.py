@@ -33,7 +33,9 @@ its second convolution after ten passes is 4% lower).
 A layer is left as it is (with the reason in the notes) when its receptive field has more than
 `max_features` features (the normal equations are ``d x d``) or the batches give fewer than
 `rows_per_feature` rows per feature. The normal equations are summed in float64 from the two
-models' activations (float32 products), one batch at a time.
+models' activations (float32 products), one batch at a time, by the passes of `refit_rows.py`:
+the pruned model runs once per layer (its input changes with every refit before it), the
+original once for as many layers' outputs as `TARGET_BYTES` holds.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from onnx_spectral.correction.refit_rows import (
     LayerSums,
     NormalEquations,
     NormalEquationsPass,
+    OriginalTargets,
     RefitLayer,
     RelaxedCrossPass,
     constant,
@@ -133,10 +136,11 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
     `changed` (the outputs of the pruned producers).
 
     `kept_rows`: for a node whose output channels were pruned, the original channels it keeps
-    ([k], ascending); other nodes keep all. `batches`: calibration feeds, read once per layer
-    (and again per relaxed pass when a worker's share of its activations exceeds
-    `CACHE_BYTES`), on the workers of `executor` (default: this process). Returns the refitted
-    copy and notes on the layers left as they were.
+    ([k], ascending); other nodes keep all. `batches`: calibration feeds, read by the pruned
+    model once per layer (and again per relaxed pass when a worker's share of its activations
+    exceeds `CACHE_BYTES`) and by the original once per group of layers whose outputs fit in
+    `TARGET_BYTES` (`OriginalTargets`), on the workers of `executor` (default: this process).
+    Returns the refitted copy and notes on the layers left as they were.
     """
     executor = executor or LocalExecutor()
     model = onnx.ModelProto()
@@ -150,6 +154,7 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
     weights = {tensor.name for tensor in model.graph.initializer}
     notes = []
     refitted = 0
+    layers: list[RefitLayer] = []
     for node in list(model.graph.node):
         view = linear_layer_for(node)
         if view is None or node.input[0] not in affected or node.name not in originals:
@@ -160,16 +165,20 @@ def refit_layers(original: onnx.ModelProto, pruned: onnx.ModelProto,
         layer = _layer(model, node, view, readers)
         if isinstance(layer, str):
             notes.append(f"layer '{node.name}' not refitted: {layer}")
-            continue
-        if layer.features > max_features:
+        elif layer.features > max_features:
             notes.append(f"layer '{node.name}' not refitted: {layer.features} input features "
                          f"(more than {max_features})")
-            continue
-        source = LayerSource(model, original, layer, kept_rows.get(node.name), provider)
+        else:
+            layers.append(layer)
+    targets = OriginalTargets(original, layers, kept_rows, batches, provider, executor)
+    for index, layer in enumerate(layers):
+        source = LayerSource(model, original, layer, kept_rows.get(layer.node.name), provider,
+                             targets.ready_for(index))
         fitted = _fit(source, batches, executor, rows_per_feature)
         executor.forget(source.namespace)
+        targets.forget(index)
         if isinstance(fitted, str):
-            notes.append(f"layer '{node.name}' not refitted: {fitted}")
+            notes.append(f"layer '{layer.node.name}' not refitted: {fitted}")
             continue
         _write(model, layer, fitted)
         refitted += 1

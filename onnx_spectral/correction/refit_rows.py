@@ -5,6 +5,7 @@ normal equations of a ridge fit, on whatever worker runs them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_spectral.calibration.sources import FeedDict
-from onnx_spectral.graph.executor import Batch, WorkerCache
+from onnx_spectral.graph.executor import Batch, Executor, Sums, WorkerCache, total_samples
 from onnx_spectral.graph.sessions import Provider, open_session
 from onnx_spectral.graph.submodel import submodel
 from onnx_spectral.ops.linear_layer import LinearLayer
@@ -21,6 +22,9 @@ from onnx_spectral.ops.linear_layer import LinearLayer
 #: Activations of one layer (its input and the original's output) a worker keeps for the
 #: relaxed passes; past this, each pass runs the two models again for the batches left out.
 CACHE_BYTES = 512 * 2**20
+#: The original model's outputs of the layers to refit, kept at once (all workers together):
+#: one pass of the original computes as many layers' targets as this holds.
+TARGET_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -91,15 +95,24 @@ def layer_rows(layer: RefitLayer, inputs: np.ndarray, outputs: np.ndarray, weigh
     return features, moved.reshape(-1, moved.shape[-1]).astype(np.float32)
 
 
-def _open(model: onnx.ModelProto, name: str, provider: Provider) -> ort.InferenceSession:
-    """A session on the part of `model` that computes tensor `name`."""
-    return open_session(submodel(model, [name]), provider)
+def _open(model: onnx.ModelProto, names: Sequence[str], provider: Provider
+          ) -> ort.InferenceSession:
+    """A session on the part of `model` that computes the tensors `names`."""
+    return open_session(submodel(model, names), provider)
 
 
-def _output(session: ort.InferenceSession, feeds: FeedDict) -> np.ndarray:
+def _outputs(session: ort.InferenceSession, feeds: FeedDict) -> list[np.ndarray]:
     wanted = {value.name for value in session.get_inputs()}
-    return np.asarray(session.run(None, {key: value for key, value in feeds.items()
-                                         if key in wanted})[0])
+    return [np.asarray(value) for value in
+            session.run(None, {key: value for key, value in feeds.items() if key in wanted})]
+
+
+def _kept_channels(layer: RefitLayer, output: np.ndarray, kept: np.ndarray | None
+                   ) -> np.ndarray:
+    """The original's output of `layer` restricted to the channels its pruned node keeps."""
+    if kept is None:
+        return output
+    return np.take(output, kept, axis=layer.view.output_axis(layer.node))
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,8 @@ class LayerSource:
     layer: RefitLayer
     kept: np.ndarray | None
     provider: Provider
+    targets: str | None = None
+    """The worker-cache namespace where `OriginalTargets` left this layer's targets, if it did."""
 
     @property
     def namespace(self) -> str:
@@ -127,7 +142,8 @@ class LayerRows:
         self.source = source
         self.cache = cache
         self.weight = layer_weight(source.model, source.layer)
-        self.sessions: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
+        self.pruned: ort.InferenceSession | None = None
+        self.original: ort.InferenceSession | None = None
 
     def activations(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """The layer's input in the pruned model and its output in the original."""
@@ -136,13 +152,16 @@ class LayerRows:
         if cached is not None:
             return cached  # type: ignore[no-any-return]
         node = source.layer.node
-        if self.sessions is None:
-            self.sessions = (_open(source.model, node.input[0], source.provider),
-                             _open(source.original, node.output[0], source.provider))
-        values = _output(self.sessions[0], batch.feeds)
-        wanted = _output(self.sessions[1], batch.feeds)
-        if source.kept is not None:
-            wanted = np.take(wanted, source.kept, axis=source.layer.view.output_axis(node))
+        if self.pruned is None:
+            self.pruned = _open(source.model, [node.input[0]], source.provider)
+        values = _outputs(self.pruned, batch.feeds)[0]
+        wanted = (None if source.targets is None
+                  else self.cache.get(source.targets, batch.index))
+        if wanted is None:
+            if self.original is None:
+                self.original = _open(source.original, [node.output[0]], source.provider)
+            wanted = _kept_channels(source.layer, _outputs(self.original, batch.feeds)[0],
+                                    source.kept)
         size = values.nbytes + wanted.nbytes
         if self.cache.size(source.namespace) + size <= CACHE_BYTES:
             self.cache.put(source.namespace, batch.index, (values, wanted), size)
@@ -248,3 +267,100 @@ class _RelaxedCrossAccumulator:
 
     def result(self) -> np.ndarray:
         return self.cross
+
+
+class OriginalTargets:
+    """The original model's outputs of the layers to refit (`layers`, in refit order), left in
+    the workers' caches a group of layers at a time: one pass of the original computes as many
+    consecutive layers' targets as `TARGET_BYTES` holds, instead of one pass per layer.
+
+    A layer whose targets alone pass the limit gets none here; its rows then run the original
+    for it (`LayerRows`).
+    """
+
+    def __init__(self, original: onnx.ModelProto, layers: Sequence[RefitLayer],
+                 kept_rows: Mapping[str, np.ndarray], batches: Sequence[FeedDict],
+                 provider: Provider, executor: Executor) -> None:
+        self.original = original
+        self.layers = list(layers)
+        self.kept_rows = kept_rows
+        self.batches = batches
+        self.provider = provider
+        self.executor = executor
+        self.ready: set[str] = set()
+        self.layer_bytes = self._bytes_per_sample() if layers and batches else {}
+
+    @staticmethod
+    def namespace(layer: RefitLayer) -> str:
+        return f"refit/target/{layer.node.name}"
+
+    def _bytes_per_sample(self) -> dict[str, int]:
+        """Bytes per sample of each layer's kept targets, from one sample of the first batch."""
+        one = {name: value[:1] for name, value in self.batches[0].items()}
+        session = _open(self.original, [layer.node.output[0] for layer in self.layers],
+                        self.provider)
+        return {layer.node.name: _kept_channels(layer, output,
+                                                self.kept_rows.get(layer.node.name)).nbytes
+                for layer, output in zip(self.layers, _outputs(session, one), strict=True)}
+
+    def ready_for(self, index: int) -> str | None:
+        """The namespace of layer `index`'s targets, after computing them (with the layers
+        after it that fit) if they are not there yet; None when they do not fit alone."""
+        layer = self.layers[index]
+        if layer.node.name not in self.ready:
+            samples = total_samples(self.batches)
+            chunk: list[RefitLayer] = []
+            held = 0
+            for following in self.layers[index:]:
+                size = self.layer_bytes[following.node.name] * samples
+                if held + size > TARGET_BYTES:
+                    break
+                chunk.append(following)
+                held += size
+            if not chunk:
+                return None
+            self.executor.fold(_TargetsPass(self.original, tuple(chunk), {
+                item.node.name: self.kept_rows[item.node.name] for item in chunk
+                if item.node.name in self.kept_rows}, self.provider), self.batches,
+                desc=f"original outputs of {len(chunk)} layers", total=samples)
+            self.ready.update(item.node.name for item in chunk)
+        return self.namespace(layer)
+
+    def forget(self, index: int) -> None:
+        """Drop layer `index`'s targets from the caches."""
+        self.executor.forget(self.namespace(self.layers[index]))
+
+
+@dataclass(frozen=True)
+class _TargetsPass(Sums[int]):
+    """One pass of the original computing `layers`' targets into the workers' caches (a
+    `PassTask`; its result counts the batches)."""
+
+    original: onnx.ModelProto
+    layers: tuple[RefitLayer, ...]
+    kept_rows: dict[str, np.ndarray]
+    provider: Provider
+
+    def start(self, cache: WorkerCache) -> _TargetsAccumulator:
+        session = _open(self.original, [layer.node.output[0] for layer in self.layers],
+                        self.provider)
+        return _TargetsAccumulator(self, session, cache)
+
+
+class _TargetsAccumulator:
+    def __init__(self, task: _TargetsPass, session: ort.InferenceSession, cache: WorkerCache
+                 ) -> None:
+        self.task = task
+        self.session = session
+        self.cache = cache
+        self.batches = 0
+
+    def add(self, batch: Batch) -> None:
+        for layer, output in zip(self.task.layers, _outputs(self.session, batch.feeds),
+                                 strict=True):
+            wanted = _kept_channels(layer, output, self.task.kept_rows.get(layer.node.name))
+            self.cache.put(OriginalTargets.namespace(layer), batch.index, wanted, wanted.nbytes)
+        self.batches += 1
+
+    def result(self) -> int:
+        return self.batches
