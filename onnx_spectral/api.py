@@ -34,6 +34,7 @@ from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
     SampleStream,
+    batching_problem,
     fixed_batch_size,
     model_input_specs,
     open_calibration,
@@ -229,7 +230,12 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
     warnings = [str(warning.message) for warning in caught]
     initializers_note = initializer_inputs_note(original, options.initializer_inputs)
-    notes = () if initializers_note is None else (initializers_note,)
+    unbatched = batching_problem(specs)
+    notes = tuple(note for note in (
+        initializers_note,
+        None if unbatched is None or stream is None else
+        f"each feed dict is one run of the model, not batched with others: {unbatched}")
+        if note is not None)
     if saved is not None:
         warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     if options.quantize != "none":

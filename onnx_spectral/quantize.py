@@ -32,6 +32,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.errors import OptionsError, RewriteError
 from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.executor import batch_samples, sample_range
 
 Quantize = Literal["none", "int8"]
 QuantizeMethod = Literal["minmax", "entropy", "percentile"]
@@ -50,10 +51,10 @@ class _Batches(CalibrationDataReader):
     size (the histogram calibrators stack the batches' outputs)."""
 
     def __init__(self, batches: Sequence[FeedDict]) -> None:
-        sizes = [len(next(iter(feeds.values()))) for feeds in batches]
+        sizes = [batch_samples(feeds) for feeds in batches]
         size = math.gcd(*sizes)
         self._batches: Iterator[FeedDict] = (
-            {name: value[start:start + size] for name, value in feeds.items()}
+            sample_range(feeds, start, start + size)
             for feeds, count in zip(batches, sizes, strict=True)
             for start in range(0, count, size))
 

@@ -18,6 +18,7 @@ from onnx_spectral.calibration.sources import (
     InputSpec,
     Preprocess,
     SampleStream,
+    batching_problem,
     fixed_batch_size,
     model_input_specs,
     open_calibration,
@@ -90,8 +91,8 @@ def test_fixed_batch_size() -> None:
     assert fixed_batch_size(TWO_INPUTS) is None
     assert fixed_batch_size(_specs(("x", TensorProto.FLOAT, [1, 3]))) == 1
     mixed = _specs(("a", TensorProto.FLOAT, [1, 3]), ("b", TensorProto.FLOAT, [2, 3]))
-    with pytest.raises(DataError, match="static batch sizes"):
-        fixed_batch_size(mixed)
+    assert fixed_batch_size(mixed) is None  # no common batch: the model is fed runs
+    assert batching_problem(mixed) == "the inputs' fixed axes 0 differ {'a': 1, 'b': 2}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from onnx_spectral.graph.executor import (
     WorkerCache,
     add_sums,
     batch_samples,
+    sample_range,
 )
 from onnx_spectral.graph.sessions import Provider, is_out_of_memory, open_session
 
@@ -258,8 +259,7 @@ class _SplittingRunner:
         pieces: list[list[np.ndarray]] = []
         while start < size:
             try:
-                results = self._run_piece({name: array[start:start + step]
-                                           for name, array in feeds.items()})
+                results = self._run_piece(sample_range(feeds, start, start + step))
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise DataError(f"ONNX Runtime fails on calibration samples {offset + start}"

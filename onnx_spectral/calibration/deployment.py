@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnx_spectral.calibration.inputs import InputSpec, SampleStream, fixed_batch_size
+from onnx_spectral.calibration.inputs import (
+    InputSpec,
+    SampleStream,
+    batching_problem,
+    fixed_batch_size,
+)
 from onnx_spectral.errors import OptionsError
 from onnx_spectral.graph.shapes import Feeds, InputShapes
 
@@ -17,9 +22,9 @@ NamedShapes = Sequence[tuple[str, tuple[int, ...]]]
 def deployment_inputs(specs: Sequence[InputSpec], input_shape: NamedShapes,
                       stream: SampleStream | None) -> Feeds | InputShapes | None:
     """What the MACs are counted at: the `input_shape` option's shapes, completed from one
-    sample (one batch for a fixed batch size) of the calibration data; or that sample itself
-    when the option is not given and some input has a dim past the batch the model leaves
-    open; None without either (the declared shapes, batch 1).
+    sample (one batch for a fixed batch size) of the calibration data; that sample itself when
+    the option is not given; without data, the declared shapes where they are all fixed, else
+    None (the declared shapes, batch 1).
 
     Raises:
         OptionsError: `input_shape` names an input the model lacks, gives one a rank or a
@@ -27,9 +32,13 @@ def deployment_inputs(specs: Sequence[InputSpec], input_shape: NamedShapes,
     """
     given = _named_input_shapes(specs, input_shape)
     batch = fixed_batch_size(specs) or 1
-    for spec in specs:  # inputs whose dims past the batch are all fixed need no data
-        if spec.name not in given and all(dim is not None for dim in spec.shape[1:]):
-            given[spec.name] = (batch, *(int(dim) for dim in spec.shape[1:] if dim is not None))
+    if stream is not None and not given:  # real values: a scalar input may choose a branch
+        return stream.peek(batch)
+    runs = batching_problem(specs) is not None
+    for spec in specs:  # inputs whose dims past the batch (a run's: all) are fixed need no data
+        fixed = [dim for dim in spec.shape[0 if runs else 1:] if dim is not None]
+        if spec.name not in given and len(fixed) == len(spec.shape) - (0 if runs else 1):
+            given[spec.name] = tuple(fixed) if runs else (batch, *fixed)
     missing = [spec.name for spec in specs if spec.name not in given]
     if not missing:
         return given
@@ -39,8 +48,6 @@ def deployment_inputs(specs: Sequence[InputSpec], input_shape: NamedShapes,
         raise OptionsError(f"--input-shape gives no shape for the model inputs {missing}; "
                            "give one for each input (or calibration data)")
     sample = stream.peek(batch)
-    if not given:
-        return sample
     return {**given, **{name: tuple(np.shape(sample[name])) for name in missing}}
 
 

@@ -3,6 +3,11 @@
 A *feed dict* maps model input names to arrays whose axis 0 is the sample axis:
 ``{name: (n, *sample_shape)}``. Names, dtypes and static dims are checked before any inference
 runs; an initializer listed as a graph input (the IR-3 convention) is a weight, never fed.
+
+A model whose inputs share no sample axis (`batching_problem`: a scalar input such as a sample
+rate, a recurrent state ``[layers, batch, hidden]`` beside an input ``[batch, time]``) is fed
+*runs*: each feed dict is one sample, fed as it is (`graph.executor.Run`), never split or
+concatenated.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnx_spectral.errors import DataError, OptionsError
+from onnx_spectral.graph.executor import Run, batch_samples
 
 FeedDict = dict[str, np.ndarray]
 """Model input name -> batch array of shape (n, *sample_shape); axis 0 is the sample axis."""
@@ -48,10 +54,10 @@ def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
     if not value.type.HasField("tensor_type"):
         raise DataError(f"model input '{value.name}' is not a tensor; only tensors can be fed")
     tensor = value.type.tensor_type
-    if not tensor.HasField("shape") or not tensor.shape.dim:
+    if not tensor.HasField("shape"):
         raise DataError(
-            f"model input '{value.name}' has no declared rank or rank 0; inputs must have rank "
-            ">= 1 with axis 0 as the sample axis"
+            f"model input '{value.name}' has no declared rank; onnx-spectral needs the rank of "
+            "every input (re-export the model with input shapes, dynamic dims allowed)"
         )
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
@@ -65,16 +71,33 @@ def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
     return InputSpec(value.name, dtype, shape)
 
 
+def batching_problem(inputs: Sequence[InputSpec]) -> str | None:
+    """Why the model's inputs cannot be batched along a common axis 0 (each feed dict is then
+    one run), or None when they can."""
+    scalar = next((spec.name for spec in inputs if not spec.shape), None)
+    if scalar is not None:
+        return f"input '{scalar}' is a scalar"
+    fixed = {spec.name: spec.shape[0] for spec in inputs if spec.shape[0] is not None}
+    open_ = [spec.name for spec in inputs if spec.shape[0] is None]
+    if fixed and open_:
+        name, size = next(iter(fixed.items()))
+        return (f"input '{name}' has a fixed axis 0 of {size} where input '{open_[0]}' leaves "
+                "axis 0 open")
+    if len(set(fixed.values())) > 1:
+        return f"the inputs' fixed axes 0 differ {fixed}"
+    return None
+
+
 def fixed_batch_size(inputs: Sequence[InputSpec]) -> int | None:
-    """The batch size the model requires when an input declares a static axis 0, else None.
+    """The batch size the model requires when every input declares the same static axis 0,
+    else None (also for runs, which are never re-batched).
 
     `SampleStream.take` must then be called with this `batch_size`; the last batch of a finite
     source may still be smaller.
     """
-    sizes = {spec.name: spec.shape[0] for spec in inputs if spec.shape[0] is not None}
-    if len(set(sizes.values())) > 1:
-        raise DataError(f"model inputs declare different static batch sizes {sizes}")
-    return next(iter(sizes.values()), None)
+    if batching_problem(inputs) is not None:
+        return None
+    return next((spec.shape[0] for spec in inputs if spec.shape[0] is not None), None)
 
 
 def split_counts(
@@ -129,7 +152,8 @@ def _castable(given: np.dtype, expected: np.dtype) -> bool:
     )
 
 
-def _check_array(spec: InputSpec, meta: ArrayMeta, where: str) -> None:
+def _check_array(spec: InputSpec, meta: ArrayMeta, where: str, runs: bool) -> None:
+    """Dtype, rank and the static dims (past axis 0 unless the model is fed `runs`)."""
     shape, dtype = meta
     if not _castable(dtype, spec.dtype):
         raise DataError(
@@ -139,9 +163,9 @@ def _check_array(spec: InputSpec, meta: ArrayMeta, where: str) -> None:
     if len(shape) != len(spec.shape):
         raise DataError(
             f"{where}: input '{spec.name}' has shape {shape}, expected rank {len(spec.shape)} "
-            f"(samples first; model shape {show_shape(spec.shape)})"
+            f"({'one run' if runs else 'samples first'}; model shape {show_shape(spec.shape)})"
         )
-    for axis in range(1, len(shape)):
+    for axis in range(0 if runs else 1, len(shape)):
         if spec.shape[axis] is not None and shape[axis] != spec.shape[axis]:
             raise DataError(
                 f"{where}: input '{spec.name}' axis {axis} has size {shape[axis]}, expected "
@@ -150,10 +174,14 @@ def _check_array(spec: InputSpec, meta: ArrayMeta, where: str) -> None:
 
 
 def check_meta(meta: Mapping[str, ArrayMeta], inputs: Sequence[InputSpec], where: str) -> int:
-    """Check names, dtypes, static dims and sample counts; return the number of samples."""
+    """Check names, dtypes, static dims and sample counts; return the number of samples (1 for
+    a model fed runs)."""
     _check_names(meta, inputs, where)
+    runs = batching_problem(inputs) is not None
     for spec in inputs:
-        _check_array(spec, meta[spec.name], where)
+        _check_array(spec, meta[spec.name], where, runs)
+    if runs:
+        return 1
     counts = {name: shape[0] for name, (shape, _) in meta.items()}
     if len(set(counts.values())) > 1:
         raise DataError(
@@ -168,9 +196,14 @@ def show_shape(shape: tuple[int | None, ...]) -> str:
 
 
 def conform_feed(feed: object, inputs: Sequence[InputSpec], where: str) -> FeedDict:
-    """Validate one in-memory feed dict; an array of rank (model rank - 1) is one sample."""
+    """Validate one in-memory feed dict; an array of rank (model rank - 1) is one sample. For a
+    model fed runs, the feed dict is one `Run`."""
     if not isinstance(feed, Mapping):
         raise DataError(f"{where}: expected a dict input name -> array, got {type(feed).__name__}")
+    if batching_problem(inputs) is not None:
+        run = Run({name: np.asarray(value) for name, value in feed.items()})
+        check_meta({name: (a.shape, a.dtype) for name, a in run.items()}, inputs, where)
+        return run
     ranks = {spec.name: len(spec.shape) for spec in inputs}
     arrays: FeedDict = {}
     for name, value in feed.items():
@@ -199,7 +232,7 @@ def _check_finite(batch: FeedDict, offset: int) -> None:
     """Raise DataError naming the input and sample when a float array holds NaN or Inf."""
     for name, array in batch.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            flat = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            flat = np.isfinite(array.reshape(batch_samples(batch), -1)).all(axis=1)
             sample = offset + int(np.argmin(flat))
             raise DataError(f"input '{name}': sample {sample} holds NaN or Inf; calibration "
                             "accepts finite values only")
@@ -210,14 +243,16 @@ def _check_finite(batch: FeedDict, offset: int) -> None:
 
 
 def sample_count(feed: FeedDict) -> int:
-    return len(next(iter(feed.values())))
+    """Samples in a feed dict: the length of axis 0; 1 for a `Run`."""
+    return batch_samples(feed)
 
 
 class SampleStream:
     """Sequential source of samples; `take` consumes from where the previous take stopped.
 
     Wraps an iterator of validated chunks (feed dicts of any number of samples, each array in
-    a dtype castable to its input's) and re-batches them along axis 0.
+    a dtype castable to its input's) and re-batches them along axis 0. A model fed runs
+    (`batching_problem`) gets each chunk as one batch, a `Run` of one sample.
     """
 
     def __init__(
@@ -225,6 +260,7 @@ class SampleStream:
     ) -> None:
         self._chunks = iter(chunks)
         self._inputs = tuple(inputs)
+        self._runs = batching_problem(inputs) is not None
         self._known_length = known_length
         self._pending: deque[FeedDict] = deque()  # read, not yet emitted
         self._pending_count = 0
@@ -259,7 +295,8 @@ class SampleStream:
 
     def peek(self, count: int = 1) -> FeedDict:
         """The next `count` samples (fewer when the source runs out) without consuming them:
-        the next `take` still starts with them. Each array has shape (b, *sample_shape).
+        the next `take` still starts with them. Each array has shape (b, *sample_shape); for
+        a model fed runs, the next run whatever `count`.
 
         Raises:
             DataError: the source holds no sample.
@@ -267,7 +304,9 @@ class SampleStream:
         while self._pending_count < count and self._read_chunk():
             pass
         if not self._pending_count:
-            raise DataError("the data holds no samples")
+            raise DataError("the data holds 0 samples; calibration needs at least 1")
+        if self._runs:
+            return self._cast(self._pending[0])
         pieces, got = [], 0
         for chunk in self._pending:
             if got >= count:
@@ -283,6 +322,12 @@ class SampleStream:
         size = min(size, self._pending_count)
         if size == 0:
             return None
+        if self._runs:
+            self._pending_count -= 1
+            run = self._cast(self._pending.popleft())
+            _check_finite(run, self._emitted)
+            self._emitted += 1
+            return run
         pieces: list[FeedDict] = []
         got = 0
         while got < size:
@@ -302,10 +347,15 @@ class SampleStream:
         self._emitted += size
         return batch
 
+    def _cast(self, run: FeedDict) -> Run:
+        return Run({spec.name: _cast(spec, np.asarray(run[spec.name])) for spec in self._inputs})
+
     def _read_chunk(self) -> bool:
         chunk = next(self._chunks, None)
         if chunk is None:
             return False
+        if self._runs and not isinstance(chunk, Run):  # a file's arrays: one run
+            chunk = Run(chunk)
         if sample_count(chunk):
             self._pending.append(chunk)
             self._pending_count += sample_count(chunk)

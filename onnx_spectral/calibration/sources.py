@@ -28,6 +28,7 @@ from onnx_spectral.calibration.inputs import (
     FeedDict,
     InputSpec,
     SampleStream,
+    batching_problem,
     check_meta,
     conform_feed,
     fixed_batch_size,
@@ -37,11 +38,12 @@ from onnx_spectral.calibration.inputs import (
     split_counts,
 )
 from onnx_spectral.errors import DataError, OptionsError
+from onnx_spectral.graph.executor import Run
 
 __all__ = [
     "ACCEPTED_SOURCES", "DataSource", "FeedDict", "FeedReader", "InputSpec", "Preprocess",
-    "RANDOM_WARNING", "SampleStream", "fixed_batch_size", "model_input_specs", "open_calibration",
-    "split_counts",
+    "RANDOM_WARNING", "SampleStream", "batching_problem", "fixed_batch_size", "model_input_specs",
+    "open_calibration", "split_counts",
 ]
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -213,30 +215,33 @@ def _load_file(path: Path, inputs: Sequence[InputSpec]) -> FeedDict:
 
 
 def _open_random(inputs: Sequence[InputSpec], seed: int) -> SampleStream:
-    shapes = [_static_sample_shape(spec) for spec in inputs]
+    runs = batching_problem(inputs) is not None
+    shapes = [_static_shape(spec, 0 if runs else 1) for spec in inputs]
     warnings.warn(RANDOM_WARNING, UserWarning, stacklevel=3)
-    return SampleStream(_random_chunks(inputs, shapes, seed), inputs, None)
+    return SampleStream(_random_chunks(inputs, shapes, seed, runs), inputs, None)
 
 
-def _static_sample_shape(spec: InputSpec) -> tuple[int, ...]:
-    for axis, size in enumerate(spec.shape[1:], start=1):
+def _static_shape(spec: InputSpec, first: int) -> tuple[int, ...]:
+    """The input's dims from axis `first` on (1: a sample's; 0: a run's), all static."""
+    for axis, size in enumerate(spec.shape[first:], start=first):
         if size is None:
             raise DataError(
                 f"random data: input '{spec.name}' axis {axis} is dynamic (model shape "
                 f"{show_shape(spec.shape)}), so no size can be invented; give real data"
             )
-    return tuple(size for size in spec.shape[1:] if size is not None)
+    return tuple(size for size in spec.shape[first:] if size is not None)
 
 
 def _random_chunks(
-    inputs: Sequence[InputSpec], shapes: Sequence[tuple[int, ...]], seed: int
+    inputs: Sequence[InputSpec], shapes: Sequence[tuple[int, ...]], seed: int, runs: bool
 ) -> Iterator[FeedDict]:
-    """Endless chunks: float inputs ~ N(0, 1), other inputs zeros."""
+    """Endless chunks of `_RANDOM_CHUNK` samples (one run each when `runs`): float inputs
+    ~ N(0, 1), other inputs zeros."""
     rng = np.random.default_rng(seed)
     while True:
-        chunk: FeedDict = {}
+        chunk: FeedDict = Run() if runs else {}
         for spec, shape in zip(inputs, shapes, strict=True):
-            full = (_RANDOM_CHUNK, *shape)
+            full = shape if runs else (_RANDOM_CHUNK, *shape)
             if spec.dtype.kind == "f":
                 chunk[spec.name] = rng.standard_normal(full).astype(spec.dtype)
             else:

@@ -14,7 +14,14 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_spectral.calibration.sources import FeedDict
-from onnx_spectral.graph.executor import Batch, Executor, Sums, WorkerCache, total_samples
+from onnx_spectral.graph.executor import (
+    Batch,
+    Executor,
+    Sums,
+    WorkerCache,
+    sample_range,
+    total_samples,
+)
 from onnx_spectral.graph.sessions import Provider, open_session
 from onnx_spectral.graph.submodel import submodel
 from onnx_spectral.ops.linear_layer import LinearLayer
@@ -296,7 +303,7 @@ class OriginalTargets:
 
     def _bytes_per_sample(self) -> dict[str, int]:
         """Bytes per sample of each layer's kept targets, from one sample of the first batch."""
-        one = {name: value[:1] for name, value in self.batches[0].items()}
+        one = sample_range(self.batches[0], 0, 1)
         session = _open(self.original, [layer.node.output[0] for layer in self.layers],
                         self.provider)
         return {layer.node.name: _kept_channels(layer, output,

@@ -23,7 +23,22 @@ import numpy as np
 from tqdm import tqdm
 
 Feeds = dict[str, np.ndarray]
-"""One batch: model input name -> array with samples on axis 0."""
+"""One batch: model input name -> array with samples on axis 0 (or a `Run`)."""
+
+
+class Run(dict[str, np.ndarray]):
+    """The feeds of one run of a model whose inputs share no sample axis (a scalar input, a
+    recurrent state with its batch on axis 1, an input of fixed size beside an open one): one
+    sample, fed as it is, never split or concatenated with others."""
+
+
+def sample_range(feeds: Feeds, start: int, stop: int) -> Feeds:
+    """Samples ``start..stop-1`` of a batch; a `Run` (one sample) as it is."""
+    if isinstance(feeds, Run):
+        if start > 0 or stop < 1:
+            raise ValueError(f"a run holds one sample; samples {start}..{stop - 1} asked")
+        return feeds
+    return {name: value[start:stop] for name, value in feeds.items()}
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -43,8 +58,8 @@ class Batch:
 
 
 def batch_samples(feeds: Feeds) -> int:
-    """Samples in one batch (the length of axis 0 of its first input)."""
-    return len(next(iter(feeds.values())))
+    """Samples in one batch: the length of axis 0 of its first input; 1 for a `Run`."""
+    return 1 if isinstance(feeds, Run) else len(next(iter(feeds.values())))
 
 
 def total_samples(batches: Iterable[Feeds]) -> int:

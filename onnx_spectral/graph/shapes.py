@@ -16,6 +16,7 @@ from onnx import helper
 
 from onnx_spectral.errors import DataError
 from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.executor import Run
 from onnx_spectral.graph.sessions import open_session
 
 Feeds = Mapping[str, np.ndarray]
@@ -95,9 +96,12 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
     missing = missing_shapes(model)
     if not missing:
         return ()
-    single = {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}
+    if isinstance(feeds, Run):  # no sample axis to double: every size is read as it is
+        single, doubled = dict(feeds), None
+    else:
+        single = {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}
+        doubled = _doubled(model, single)
     observed = _run(model, single, missing)
-    doubled = _doubled(model, single)
     twice = observed_shapes(model, doubled, missing) if doubled is not None else {}
     known = {value.name: value for value in model.graph.value_info}
     for name in missing:
@@ -181,8 +185,9 @@ def concrete_shapes(model: onnx.ModelProto, inputs: Feeds | InputShapes
                                        for d in value.type.tensor_type.shape.dim)
     unknown = [name for node in model.graph.node for name in node.output
                if name and name not in result]
-    if unknown:
-        result.update(observed_shapes(fixed, _run_feeds(fixed, inputs), unknown))
+    if unknown:  # run on the model as declared: static input dims can make ONNX Runtime's
+        # inference of an If branch not taken fail (Silero VAD's 8 kHz branch at 16 kHz sizes)
+        result.update(observed_shapes(model, _run_feeds(fixed, inputs), unknown))
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import onnx
+
 from onnx_spectral.analysis import Analysis
 from onnx_spectral.cost import ModelCost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
@@ -57,8 +59,15 @@ def budget_costs(analysis: Analysis, cost: ModelCost, plan_options: PlanOptions,
                 f"{name} {fraction} cannot be met: the model's linear layers are integer "
                 f"(quantized) ops, kept whole: {', '.join(integer[:3])}"
                 f"{' ...' if len(integer) > 3 else ''}; prune the float model, then quantize")
-        raise OptionsError(f"{name} {fraction}: the model has no {what} to keep a share of "
-                           "(no Conv/Gemm/MatMul layer or floating-point weight is counted)")
+        nested = [f"{node.op_type} '{node.name}'" for node in analysis.graph.nodes
+                  if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                         for attribute in node.attribute)]
+        where = (f"; the layers are inside the subgraphs of {', '.join(nested[:3])}, which "
+                 "onnx-spectral neither counts nor prunes" if nested else "")
+        raise UnsupportedGraphError(
+            f"{name} {fraction} cannot be met: the model has no {what} to keep a share of (no "
+            f"Conv/Gemm/MatMul layer or floating-point weight of the main graph is counted)"
+            f"{where}")
     if not analysis.prunable and fraction == 1.0 and require_prunable:
         raise UnsupportedGraphError(nothing_prunable(analysis))
     if not analysis.prunable and fraction < 1.0:
