@@ -92,8 +92,9 @@ def test_transformer_ffn_widths_halved() -> None:
 
 
 CHEAP_CORPUS = ("mnist_cnn", "sklearn_digits_mlp", "mnist_cnn_qdq", "silero_vad", "oww_hey_jarvis",
-                "mtcnn_rnet")
-"""Corpus models that compress (or are refused) in seconds each on a 2-core CPU."""
+                "mtcnn_rnet", "silero_vad_16k_op15", "silero_vad_v6")
+"""Corpus models that compress (or are refused) in seconds each on a 2-core CPU; the Silero
+VAD models are fed runs (a scalar sample rate; a state with its batch on axis 1)."""
 
 
 @pytest.mark.parametrize("name", CHEAP_CORPUS)

@@ -21,6 +21,7 @@ import onnx
 
 from onnx_spectral.errors import DataError, OptionsError
 from onnx_spectral.graph.executor import Run, batch_samples
+from onnx_spectral.graph.executor import batching_problem as declared_batching_problem
 
 FeedDict = dict[str, np.ndarray]
 """Model input name -> batch array of shape (n, *sample_shape); axis 0 is the sample axis."""
@@ -73,19 +74,8 @@ def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
 
 def batching_problem(inputs: Sequence[InputSpec]) -> str | None:
     """Why the model's inputs cannot be batched along a common axis 0 (each feed dict is then
-    one run), or None when they can."""
-    scalar = next((spec.name for spec in inputs if not spec.shape), None)
-    if scalar is not None:
-        return f"input '{scalar}' is a scalar"
-    fixed = {spec.name: spec.shape[0] for spec in inputs if spec.shape[0] is not None}
-    open_ = [spec.name for spec in inputs if spec.shape[0] is None]
-    if fixed and open_:
-        name, size = next(iter(fixed.items()))
-        return (f"input '{name}' has a fixed axis 0 of {size} where input '{open_[0]}' leaves "
-                "axis 0 open")
-    if len(set(fixed.values())) > 1:
-        return f"the inputs' fixed axes 0 differ {fixed}"
-    return None
+    one run), or None when they can (`graph.executor.batching_problem`)."""
+    return declared_batching_problem({spec.name: spec.shape for spec in inputs})
 
 
 def fixed_batch_size(inputs: Sequence[InputSpec]) -> int | None:

@@ -32,6 +32,23 @@ class Run(dict[str, np.ndarray]):
     sample, fed as it is, never split or concatenated with others."""
 
 
+def batching_problem(declared: dict[str, tuple[int | None, ...]]) -> str | None:
+    """Why inputs of these declared shapes (None: a dim left open) cannot be batched along a
+    common axis 0, so that each feed dict must be fed as one `Run`; None when they can."""
+    scalar = next((name for name, shape in declared.items() if not shape), None)
+    if scalar is not None:
+        return f"input '{scalar}' is a scalar"
+    fixed = {name: shape[0] for name, shape in declared.items() if shape[0] is not None}
+    open_ = [name for name, shape in declared.items() if shape[0] is None]
+    if fixed and open_:
+        name, size = next(iter(fixed.items()))
+        return (f"input '{name}' has a fixed axis 0 of {size} where input '{open_[0]}' leaves "
+                "axis 0 open")
+    if len(set(fixed.values())) > 1:
+        return f"the inputs' fixed axes 0 differ {fixed}"
+    return None
+
+
 def sample_range(feeds: Feeds, start: int, stop: int) -> Feeds:
     """Samples ``start..stop-1`` of a batch; a `Run` (one sample) as it is."""
     if isinstance(feeds, Run):

@@ -16,7 +16,7 @@ from onnx import helper
 
 from onnx_spectral.errors import DataError
 from onnx_spectral.graph import external_tensors
-from onnx_spectral.graph.executor import Run
+from onnx_spectral.graph.executor import Run, batching_problem
 from onnx_spectral.graph.sessions import open_session
 
 Feeds = Mapping[str, np.ndarray]
@@ -55,6 +55,16 @@ def _run(model: onnx.ModelProto, feeds: Feeds, tensors: Iterable[str] | None
         raise DataError(f"ONNX Runtime cannot run the model on the calibration sample to read "
                         f"the shapes shape inference cannot tell: {exc}") from exc
     return dict(zip(names, (np.asarray(value) for value in results), strict=True))
+
+
+def declared_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """The declared shape of each graph input that is not an initializer (None: a dim left
+    open); an input of unknown rank is left out."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return {value.name: tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0
+                              else None for dim in value.type.tensor_type.shape.dim)
+            for value in model.graph.input
+            if value.name not in initializers and value.type.tensor_type.HasField("shape")}
 
 
 def missing_shapes(model: onnx.ModelProto) -> tuple[str, ...]:
@@ -96,7 +106,8 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
     missing = missing_shapes(model)
     if not missing:
         return ()
-    if isinstance(feeds, Run):  # no sample axis to double: every size is read as it is
+    if isinstance(feeds, Run) or batching_problem(declared_input_shapes(model)) is not None:
+        # a run: no sample axis to take one sample from or to double; sizes read as they are
         single, doubled = dict(feeds), None
     else:
         single = {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}

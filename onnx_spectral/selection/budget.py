@@ -59,7 +59,7 @@ def budget_costs(analysis: Analysis, cost: ModelCost, plan_options: PlanOptions,
                 f"{name} {fraction} cannot be met: the model's linear layers are integer "
                 f"(quantized) ops, kept whole: {', '.join(integer[:3])}"
                 f"{' ...' if len(integer) > 3 else ''}; prune the float model, then quantize")
-        nested = [f"{node.op_type} '{node.name}'" for node in analysis.graph.nodes
+        nested = [f"{node.op_type} node '{node.name}'" for node in analysis.graph.nodes
                   if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                          for attribute in node.attribute)]
         where = (f"; the layers are inside the subgraphs of {', '.join(nested[:3])}, which "
