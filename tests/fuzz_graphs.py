@@ -14,6 +14,10 @@ Heads (HEADS): a conv, GAP -> Flatten -> Gemm or MatMul, or a recurrent layer (L
 fed by the conv features as a sequence (`_sequence`), then its output, its last state, a Gemm
 on the last state, a MatMul on each step, or a second recurrent layer.
 
+Inputs that leave no common sample axis (`RUN_INPUTS`), drawn last: a scalar 'gain' that
+scales x, or the initial state 'h0' [dirs, N, hidden] of the first recurrent layer (batch on
+axis 1); such a model is fed one feed dict per run.
+
 Each spatial dim of the input is static, symbolic (dim_param 'H'/'W') or unknown. Each graph
 also draws a `Variant`, applied once the float32 graph is built: the opset (9 to 21; Split and
 ReduceMean take their sizes/axes as attributes before 13/18), constants as initializers or
@@ -336,6 +340,37 @@ def _recurrent(draw: st.DrawFn, b: GraphBuilder, s: State) -> tuple[str, list[Di
 HEADS = {"plain": _head, "recurrent": _recurrent}
 
 
+def _scalar_gain(model: onnx.ModelProto) -> bool:
+    """x -> Mul by a scalar graph input 'gain' -> what read x (in place)."""
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["x_gained" if name == "x" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Mul", ["x", "gain"], ["x_gained"], name="gain_x"))
+    graph.input.append(helper.make_tensor_value_info("gain", TensorProto.FLOAT, []))
+    return True
+
+
+def _initial_state(model: onnx.ModelProto) -> bool:
+    """The first LSTM/GRU reads its initial state from a graph input 'h0' [dirs, N, hidden]
+    (in place); False when the graph has no recurrent layer."""
+    graph = model.graph
+    rnn = next((node for node in graph.node if node.op_type in ("LSTM", "GRU")), None)
+    if rnn is None:
+        return False
+    attributes = {attribute.name: helper.get_attribute_value(attribute)
+                  for attribute in rnn.attribute}
+    dirs = 2 if attributes["direction"] == b"bidirectional" else 1
+    hidden = attributes["hidden_size"]
+    rnn.input[:] = [*rnn.input[:4], "", "h0"]
+    graph.input.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT,
+                                                     [dirs, "N", hidden]))
+    return True
+
+
+RUN_INPUTS: dict[str, Callable[[onnx.ModelProto], bool]] = {
+    "scalar gain": _scalar_gain, "initial state": _initial_state}
+
+
 @dataclass(frozen=True)
 class Variant:
     """How a built float32 graph is stored: see the module docstring."""
@@ -474,6 +509,10 @@ def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
     outputs = [output, *[item for item in s.outputs if item[0] != output[0]]]
     model = b.model([("x", ["N", in_channels, *spatial])],  # type: ignore[list-item]
                     outputs)  # type: ignore[arg-type]
+    extra = draw(st.sampled_from(["none", *RUN_INPUTS]))
+    if extra == "none" or not RUN_INPUTS[extra](model):
+        extra = "none"
     model.doc_string = (f"{variant}; input [N, {in_channels}, {spatial[0]}, {spatial[1]}]; "
-                        f"blocks {blocks}; head {head} -> {output[0]} {output[1]}")
+                        f"blocks {blocks}; head {head} -> {output[0]} {output[1]}; "
+                        f"run inputs {extra}")
     return apply_variant(model, variant)

@@ -91,7 +91,8 @@ def kinds(description: str, options: dict[str, Any]) -> list[str]:
                                      symbolic.groups())] if symbolic else []
     heads = [f"head {name}" for name in re.findall(r"head (\w+)", description)]
     cuts = [f"has {block}" for block in ("concat", "split") if f"'{block}'" in description]
-    return [*fields, *spatial, *heads, *cuts, "budget " + next(iter(options))]
+    runs = [f"run inputs {name}" for name in re.findall(r"run inputs (\w+ ?\w*)$", description)]
+    return [*fields, *spatial, *heads, *cuts, *runs, "budget " + next(iter(options))]
 
 
 def signature(error: BaseException) -> str:

@@ -17,6 +17,8 @@ Split on the channel axis):
   the same groups (and, under `ratio` in float32, the same widths);
 - the output passes the full ONNX checker and runs in ONNX Runtime with the original inputs,
   output names and shapes;
+- a graph with inputs that share no sample axis (a scalar gain, a recurrent initial state with
+  the batch on axis 1) is calibrated as a user would feed it: one feed dict per sample (a run);
 - with every channel kept (ratio 1, ridge 1e-9) it reproduces the original outputs (to 1e-3 in
   float32, 2e-2 in float16) and its report's held-out relative errors are at most 10x that.
 
@@ -45,6 +47,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from onnx_spectral import compress
+from onnx_spectral.calibration.sources import batching_problem, model_input_specs
 from onnx_spectral.errors import GraphError, SpectralError
 from onnx_spectral.report import Report
 from onnx_spectral.selection.widths import ALLOCATIONS
@@ -85,12 +88,34 @@ def cases(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, Any]]:
 
 
 def _inputs(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs of the first graph input's dtype; symbolic spatial dims get size 5."""
-    value = model.graph.input[0]
-    dims = [d.dim_value or 5 for d in value.type.tensor_type.shape.dim[1:]]
-    dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-    x = np.random.default_rng(seed).standard_normal((samples, *dims)).astype(dtype)
-    return {value.name: x}
+    """Random data for every graph input that is not an initializer, in its dtype: the batch
+    'N' holds `samples`, other symbolic or unknown dims get size 5."""
+    rng = np.random.default_rng(seed)
+    constants = {tensor.name for tensor in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        dims = [samples if d.dim_param == "N" else d.dim_value or 5
+                for d in value.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def _calibration(model: onnx.ModelProto, samples: int, seed: int
+                 ) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+    """`_inputs` as a user gives them: one batch, or one feed dict per sample (a run) when the
+    inputs share no sample axis (a scalar, a state with the batch on axis 1)."""
+    feeds = _inputs(model, samples, seed)
+    if batching_problem(model_input_specs(model)) is None:
+        return feeds
+    axes = {value.name: next((axis for axis, d in enumerate(value.type.tensor_type.shape.dim)
+                              if d.dim_param == "N"), None)
+            for value in model.graph.input if value.name in feeds}
+    return [{name: array if axes[name] is None
+             else np.take(array, [index], axis=axes[name]) for name, array in feeds.items()}
+            for index in range(samples)]
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,7 +162,8 @@ Outcome = tuple[onnx.ModelProto, Report] | SpectralError
 """What `compress` returned, or the clear onnx_spectral error it refused with."""
 
 
-def _compress(model: onnx.ModelProto, calibration: dict[str, np.ndarray], **options: Any
+def _compress(model: onnx.ModelProto,
+              calibration: dict[str, np.ndarray] | list[dict[str, np.ndarray]], **options: Any
               ) -> Outcome:
     try:
         return compress(model, calibration, **options, **FAST)
@@ -207,7 +233,7 @@ def _check_same_groups(result: Outcome, model: onnx.ModelProto, options: dict[st
                         ("unnamed (spatial dims unknown)", unnamed(model))):
         if other.SerializeToString() == model.SerializeToString():
             continue
-        expected = _compress(other, _inputs(other, 20, seed=1), **options)
+        expected = _compress(other, _calibration(other, 20, seed=1), **options)
         variant = model.doc_string.split(";")[0]
         assert isinstance(result, SpectralError) == isinstance(expected, SpectralError), (
             f"{_outcome(result)}, while its {form} form is {_outcome(expected)}\n{variant}")
@@ -231,7 +257,7 @@ def _spatial(match: re.Match[str]) -> str:
 
 def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
     """Every property of the module docstring, for one graph and budget options."""
-    calibration = _inputs(model, 20, seed=1)
+    calibration = _calibration(model, 20, seed=1)
     fresh = _inputs(model, 3, seed=2)
     want = _run(model, fresh)
     half = _half(model)
@@ -275,8 +301,8 @@ def check_case(model: onnx.ModelProto, options: dict[str, Any]) -> None:
 def test_random_graphs(case: tuple[onnx.ModelProto, dict[str, Any]]) -> None:
     model, options = case
     note(f"{model.doc_string}; options {options}")
-    variant, spatial, _, head = model.doc_string.split("; ")
-    for kind in [*variant[len("Variant("):-1].split(", "), spatial, head.split(" ->")[0]]:
+    variant, spatial, _, head, extra = model.doc_string.split("; ")
+    for kind in [*variant[len("Variant("):-1].split(", "), spatial, head.split(" ->")[0], extra]:
         event(re.sub(r"input \[N, \d+, (\w+), (\w+)\]", _spatial, kind))
     check_case(model, options)
 
@@ -291,7 +317,7 @@ def test_regression(regression: Regression) -> None:
     check_case(model, regression.options)
     if regression.same_groups_as is not None:
         other = regression.same_groups_as()
-        got, want = (_compress(graph, _inputs(graph, 20, seed=1), **regression.options)
+        got, want = (_compress(graph, _calibration(graph, 20, seed=1), **regression.options)
                      for graph in (model, other))
         assert not isinstance(got, SpectralError) and not isinstance(want, SpectralError)
         assert _groups(got[1], widths=True) == _groups(want[1], widths=True)
