@@ -27,7 +27,7 @@ HIDDEN = 16
 
 def _mlp_with_state() -> onnx.ModelProto:
     """x [N, 6] -> Gemm (16) -> Relu -> Gemm (6) -> + ReduceSum(state [2, N, 6], axis 0) * scale
-    (a scalar input) -> y [N, 6]."""
+    (a scalar input, the graph's first) -> y [N, 6]."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
                for name, shape in (("w1", (6, HIDDEN)), ("b1", (HIDDEN,)), ("w2", (HIDDEN, 6)),
@@ -43,9 +43,9 @@ def _mlp_with_state() -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "runs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 6]),
-         helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),  # first: no axis 0
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
         [*weights, axes])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

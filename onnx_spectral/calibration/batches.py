@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from onnx_spectral.calibration.sources import FeedDict, SampleStream
+from onnx_spectral.graph.executor import batch_samples
 
 
 def skip(stream: SampleStream, count: int, batch: int) -> None:
@@ -28,5 +29,5 @@ def teed(batches: Iterable[FeedDict], count: int, kept: list[FeedDict]) -> Itera
     for feeds in batches:
         if left > 0:
             kept.append(feeds)
-            left -= len(next(iter(feeds.values())))
+            left -= batch_samples(feeds)
         yield feeds
