@@ -396,6 +396,23 @@ def concat_channels(seed: int = 0) -> onnx.ModelProto:
     return b.model([("x", ["N", 3, 8, 8])], [("conv2", ["N", 5, 8, 8])])
 
 
+def split_halves_combined(seed: int = 0) -> onnx.ModelProto:
+    """A magnitude as an STFT computes it: both halves of one Conv, channel by channel.
+
+        x -> Conv 'conv1' (8) -> Split 'halves' (4, 4) -> re, im -> re*re + im*im
+          -> Conv 'conv2' (5) -> y
+
+    The Conv's 8 channels are a derived group whose two parts are the same base group.
+    """
+    b = GraphBuilder(seed)
+    real, imaginary = (f"halves_out{index}" if index else "halves" for index in range(2))
+    b.node("Split", [b.conv("x", "conv1", 3, 8)], "halves", outputs=2, axis=1)
+    squares = [b.node("Mul", [half, half], f"square{index}")
+               for index, half in enumerate((real, imaginary))]
+    b.conv(b.node("Add", squares, "magnitude"), "conv2", 4, 5)
+    return b.model([("x", ["N", 3, 8, 8])], [("conv2", ["N", 5, 8, 8])])
+
+
 def conv_output_is_graph_output(seed: int = 0) -> onnx.ModelProto:
     """conv1's output is read by the next layer and is also a graph output 'conv1':
 

@@ -124,6 +124,7 @@ def test_greedy_allocation_respects_round_to_and_min_keep() -> None:
     lambda: graphs.flatten_head("flatten"),
     lambda: graphs.residual_block(),
     lambda: graphs.concat_channels(),
+    lambda: graphs.split_halves_combined(),
     lambda: graphs.gemm_mlp(1),
 ])
 def test_group_cost_model_equals_cost_of_rewritten_model(make: object) -> None:

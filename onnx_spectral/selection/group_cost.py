@@ -98,8 +98,9 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             if key not in shrink:
                 shrink[key] = np.zeros((original.ndim, len(groups)))
             if len(shape) == original.ndim:
-                shrink[key][:, columns] += ((np.array(original.shape) - np.array(shape))
-                                            / group.block)[:, None]
+                lost = (np.array(original.shape) - np.array(shape)) / group.block
+                for column_index in columns:  # a part may repeat (a Split into equal halves)
+                    shrink[key][:, column_index] += lost
     param_terms, mac_terms = [], []
     varying_params = 0
     seen: set[str] = set()
