@@ -258,7 +258,7 @@ def softmax_channels(b: GraphBuilder, t: str, channels: int) -> str:
 
 
 def lrn(b: GraphBuilder, t: str, channels: int) -> str:
-    """Barrier (no handler):  t -> LRN 'lrn' (size 3) -> """
+    """Barrier (mixes neighbouring channels):  t -> LRN 'lrn' (size 3) -> """
     return b.node("LRN", [t], "lrn", size=3)
 
 

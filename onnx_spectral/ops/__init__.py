@@ -34,7 +34,9 @@ from onnx_spectral.ops.linear_layer import LinearLayer
 from onnx_spectral.ops.normalization import (
     GroupNormalizationHandler,
     LayerNormalizationHandler,
+    LRNHandler,
     NormalizationHandler,
+    SoftmaxHandler,
 )
 from onnx_spectral.ops.recurrent import RecurrentHandler
 from onnx_spectral.ops.spatial import (
@@ -59,6 +61,8 @@ _HANDLERS: tuple[tuple[str, OpHandler], ...] = (
     ("", NormalizationHandler()),
     ("", LayerNormalizationHandler()),
     ("", GroupNormalizationHandler()),
+    ("", SoftmaxHandler()),
+    ("", LRNHandler()),
     ("", PoolHandler()),
     ("", PadHandler()),
     ("", ResizeHandler()),

@@ -1,14 +1,14 @@
 """Normalizations: BatchNormalization and InstanceNormalization (per channel, axis 1),
-LayerNormalization (channel-wise when it normalizes only axes after the channels); over the
-channel axis, and GroupNormalization always, they freeze the group they read, naming the
-node."""
+LayerNormalization and Softmax/LogSoftmax/Hardmax (channel-wise when they normalize only other
+axes than the channels'); over the channel axis, and GroupNormalization and LRN always, they
+freeze the group they read, naming the node."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from onnx_spectral.graph.model import attributes
+from onnx_spectral.graph.model import attributes, opset_version
 from onnx_spectral.ops.base import (
     AnalysisContext,
     Editor,
@@ -102,3 +102,46 @@ class GroupNormalizationHandler(NoWeights):
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
         raise TypeError(f"GroupNormalization node '{node.name}' is never a member")
+
+
+class SoftmaxHandler(NoWeights):
+    """Softmax, LogSoftmax and Hardmax normalize along `axis` (from opset 13; before, over the
+    axes from `axis` on, flattened): channel-wise when the channel axis is not among those, else
+    they mix the channels and freeze the group they read."""
+
+    op_types: tuple[str, ...] = ("Softmax", "LogSoftmax", "Hardmax")
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        state = ctx.state(node.input[0])
+        if state is None:
+            return
+        if not isinstance(state, Plain):
+            freeze_inputs(node, ctx, f"{node.op_type} of scattered channels")
+            return
+        flattened = opset_version(ctx.graph.model) < 13
+        default = 1 if flattened else -1
+        axis = int(attributes(node).get("axis", default)) % state.rank  # type: ignore[call-overload]
+        if state.axis == axis or (flattened and state.axis > axis):
+            freeze_inputs(node, ctx, f"{node.op_type} normalizes over the channel axis")
+            return
+        ctx.set_state(node.output[0], state)
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        raise TypeError(f"{node.op_type} node '{node.name}' has no channel parameters")
+
+
+class LRNHandler(NoWeights):
+    """Local response normalization divides each channel by its neighbours' energy: it mixes
+    channels, so the group it reads is frozen."""
+
+    op_types: tuple[str, ...] = ("LRN",)
+
+    def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+        size = attributes(node).get("size")
+        freeze_inputs(node, ctx, f"LRN normalizes each channel by its {size} neighbouring "
+                                 "channels")
+
+    def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
+              editor: Editor) -> None:
+        raise TypeError(f"LRN node '{node.name}' is never a member")
