@@ -72,6 +72,14 @@ class ChannelGroup:
     """Channels are kept in whole consecutive blocks of this size (an attention head's D)."""
     scaled: tuple[str, ...] = ()
     """Nodes without weights whose MACs scale with the channels kept (attention MatMuls)."""
+    lanes: int = 1
+    """The channels are this many consecutive lanes of equal size, each keeping as many channels
+    as the others (the groups of a grouped Conv that produces them)."""
+
+    @property
+    def step(self) -> int:
+        """Kept widths are multiples of this: the head size, or the number of lanes."""
+        return max(self.block, self.lanes)
 
     @property
     def heads(self) -> int | None:
@@ -118,6 +126,7 @@ class _GroupRecord:
     parts: list[Part] = field(default_factory=list)
     block: int = 1
     scaled: list[str] = field(default_factory=list)
+    lanes: int = 1
 
 
 class _Context:
@@ -170,6 +179,7 @@ class _Context:
         kept.frozen += merged.frozen
         kept.scaled += merged.scaled
         self._merge_block(kept, merged.block, tensor)
+        self._merge_lanes(kept, merged.lanes, tensor)
         return keep
 
     @staticmethod
@@ -179,7 +189,21 @@ class _Context:
         if record.block != 1:
             record.frozen.append(f"attention heads of {record.block} and {block} channels meet "
                                  f"at '{tensor}'")
+        if record.lanes != 1:
+            record.frozen.append(f"attention heads meet the {record.lanes} groups of a grouped "
+                                 f"Conv at '{tensor}'")
         record.block = block
+
+    @staticmethod
+    def _merge_lanes(record: _GroupRecord, lanes: int, tensor: str) -> None:
+        if lanes == 1 or lanes == record.lanes:
+            return
+        if record.lanes != 1 or record.block != 1:
+            what = (f"{record.lanes} groups" if record.lanes != 1
+                    else f"attention heads of {record.block} channels")
+            record.frozen.append(f"grouped Conv outputs of {what} and {lanes} groups meet at "
+                                 f"'{tensor}'")
+        record.lanes = lanes
 
     def new_derived(self, parts: list[tuple[int | None, int]], tensor: str, axis: int,
                     rank: int) -> int:
@@ -200,6 +224,8 @@ class _Context:
         """
         record = self._records[self.find(group)]
         offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
+        if record.lanes != 1:  # parts would have to keep the lanes balanced together
+            return None
         if record.parts:
             same = [(offset, size) for _, offset, size in record.parts] == list(
                 zip(offsets, sizes, strict=True))
@@ -236,6 +262,10 @@ class _Context:
         self._merge_block(record, block, record.tensors[-1] if record.tensors else "")
         if record.channels % block:
             self.freeze(group, f"{record.channels} channels are not whole heads of {block}")
+
+    def set_lanes(self, group: int, lanes: int) -> None:
+        record = self._records[self.find(group)]
+        self._merge_lanes(record, lanes, record.tensors[-1] if record.tensors else "")
 
     def add_scaled(self, group: int, nodes: tuple[str, ...]) -> None:
         self._records[self.find(group)].scaled.extend(nodes)
@@ -284,6 +314,7 @@ class _Context:
                 parts=tuple(parts.get(group_id, ())),
                 block=record.block,
                 scaled=tuple(dict.fromkeys(record.scaled)),
+                lanes=record.lanes,
             ))
         return tuple(groups)
 

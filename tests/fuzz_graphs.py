@@ -86,6 +86,19 @@ def depthwise(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
     s.tensor = _conv(b, s, s.tensor, s.channels, s.channels, group=s.channels)
 
 
+def grouped(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
+    """Grouped 3x3 conv of 2 or 3 groups (a 1x1 conv first when the width is not a multiple):
+    its outputs go evenly from each group; what it reads stays whole."""
+    groups = draw(st.sampled_from([2, 3]))
+    if s.channels % groups:
+        width = groups * draw(st.integers(min_value=1, max_value=3))
+        s.tensor = _conv(b, s, s.tensor, s.channels, width, kernel=1)
+        s.channels = width
+    width = groups * draw(st.integers(min_value=1, max_value=3))
+    s.tensor = _conv(b, s, s.tensor, s.channels, width, group=groups)
+    s.channels = width
+
+
 def activation(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
     op = draw(st.sampled_from(["Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Elu"]))
     s.tensor = b.node(op, [s.tensor], s.name(op.lower()))
@@ -221,6 +234,7 @@ def side_output(draw: st.DrawFn, b: GraphBuilder, s: State) -> None:
 BLOCKS: dict[str, Block] = {
     "conv": conv,
     "depthwise": depthwise,
+    "grouped": grouped,
     "activation": activation,
     "batchnorm": batchnorm,
     "pool": pool,

@@ -245,7 +245,7 @@ def depthwise(b: GraphBuilder, t: str, channels: int) -> str:
 
 
 def grouped_conv(b: GraphBuilder, t: str, channels: int) -> str:
-    """Barrier (C must be even):  t -> Conv 'gconv' (group=2, weight [6, C/2, 3, 3]) -> """
+    """C must be even:  t -> Conv 'gconv' (group=2, weight [6, C/2, 3, 3]) -> (t stays whole)"""
     return b.conv(t, "gconv", channels, 6, group=2)
 
 

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from onnx_spectral import compress
 from onnx_spectral.analysis import ChannelGroup, analyze
+from onnx_spectral.graph.model import attributes
 from tests import graphs
 from tests.graphs import CHANNELS, HEAD_SIZE
 
@@ -434,8 +435,6 @@ BARRIERS = [
      {"conv1": ["Softmax", "'softmax'", "normalizes over the channel axis"]}),
     ("LRN", lambda: graphs.conv_sandwich(graphs.lrn),
      {"conv1": ["LRN", "'lrn'", "its 3 neighbouring channels"]}),
-    ("grouped-Conv", lambda: graphs.conv_sandwich(graphs.grouped_conv, channels=8),
-     {"conv1": ["grouped Conv", "group=2", "gconv"]}),
     ("Pad-on-channels", lambda: graphs.conv_sandwich(graphs.pad_channels),
      {"conv1": ["Pad pads the channel axis", "pad"]}),
     ("conv-output-is-graph-output", graphs.conv_output_is_graph_output,
@@ -443,6 +442,28 @@ BARRIERS = [
     ("MatMul-of-activations", graphs.matmul_of_activations,
      {"q": ["MatMul", "scores"], "k": ["MatMul", "scores"]}),
 ]
+
+
+def test_grouped_conv_outputs_go_evenly_from_each_group() -> None:
+    """conv1 (8) -> gconv (group 2: 6 outputs, 3 per group) -> conv2: what gconv reads stays
+    whole (with the reason); its outputs are a group of 2 lanes, halved to 2 per lane."""
+    model = graphs.conv_sandwich(graphs.grouped_conv, channels=8)
+    groups = _by_producer(analyze(model).groups)
+    assert any("grouped Conv (group=2)" in reason and "gconv" in reason
+               for reason in groups["conv1"].frozen)
+    assert groups["gconv"].prunable and groups["gconv"].lanes == 2
+    compressed, report = compress(model, _data(model, CALIB + VERIFY, seed=1), ratio=0.5,
+                                  **FAST)
+    onnx.checker.check_model(compressed, full_check=True)
+    original = _constant(model, "gconv", 1)  # [6, 4, 3, 3]
+    kept_rows = _constant(compressed, "gconv", 1)
+    assert kept_rows.shape == (4, 4, 3, 3)
+    assert attributes(_node(compressed, "gconv"))["group"] == 2
+    lanes = [int(np.flatnonzero(np.all(original == row, axis=(1, 2, 3)))[0]) // 3
+             for row in kept_rows]
+    assert lanes == [0, 0, 1, 1]
+    assert _constant(compressed, "conv2", 1).shape == (5, 4, 3, 3)
+    _check_runs_like(model, compressed, _data(model, 4, seed=2))
 
 
 @pytest.mark.parametrize("build, expected", [(b, e) for _, b, e in BARRIERS],

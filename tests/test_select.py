@@ -348,3 +348,17 @@ def test_cross_greedy_finds_the_channel_that_carries_the_target() -> None:
     cross_square[:2] = cross
     order = cross_greedy_select([(second, cross_square, np.eye(5) / 5, 1e-6)], 1)
     assert order.tolist() == [3]
+
+
+def test_greedy_keeps_lanes_balanced() -> None:
+    """A grouped Conv's 9 outputs in 3 lanes: every prefix of 3r channels holds r of each lane,
+    and the path still starts with the best channel overall."""
+    problems = _problems("random", 9, 2, 1e-3, seed=4)
+    free = greedy_select(problems, 9)
+    path = greedy_select(problems, 9, lanes=3)
+    assert path.order[0] == free.order[0]
+    for r in range(1, 4):
+        assert np.bincount(path.order[: 3 * r] // 3, minlength=3).tolist() == [r] * 3
+    assert np.all(np.diff(path.losses) <= 1e-12)
+    with pytest.raises(OptionsError, match="9 channels cannot form 2 equal lanes"):
+        greedy_select(problems, 4, lanes=2)

@@ -125,6 +125,7 @@ def test_greedy_allocation_respects_round_to_and_min_keep() -> None:
     lambda: graphs.residual_block(),
     lambda: graphs.concat_channels(),
     lambda: graphs.split_halves_combined(),
+    lambda: graphs.conv_sandwich(graphs.grouped_conv, channels=8),
     lambda: graphs.gemm_mlp(1),
 ])
 def test_group_cost_model_equals_cost_of_rewritten_model(make: object) -> None:
@@ -135,10 +136,14 @@ def test_group_cost_model_equals_cost_of_rewritten_model(make: object) -> None:
     assert costs.params.full == model_cost(analysis.graph.model).params
     rng = np.random.default_rng(0)
     for _ in range(3):
-        widths = [int(rng.integers(1, g.channels + 1)) for g in costs.groups]
-        plans = [GroupPlan(g, np.arange(k), {t.tensor: np.eye(g.channels)[:, :k]
-                                              for t in g.taps})
-                 for g, k in zip(costs.groups, widths, strict=True)]
+        widths = [g.step * int(rng.integers(1, g.channels // g.step + 1))
+                  for g in costs.groups]
+        plans = []
+        for g, k in zip(costs.groups, widths, strict=True):
+            lane = g.channels // g.lanes  # the first k / lanes channels of each lane
+            kept = np.flatnonzero(np.arange(g.channels) % lane < k // g.lanes)
+            plans.append(GroupPlan(g, kept, {t.tensor: np.eye(g.channels)[:, kept]
+                                             for t in g.taps}))
         kept = {plan.group.id: plan.kept for plan in plans}
         for derived in (g for g in analysis.prunable if g.parts):  # a Concat of base groups
             index = np.concatenate([offset + kept.get(part, np.arange(size))

@@ -1,5 +1,7 @@
 """Conv and ConvTranspose: producers and sinks when dense (group == 1); channel-wise when
-depthwise; grouped ones are frozen with the reason."""
+depthwise. A grouped Conv is a producer whose output channels are kept evenly from each of its
+groups (the group's `lanes`); what it reads stays whole. Grouped ConvTranspose is frozen with
+the reason."""
 
 from __future__ import annotations
 
@@ -77,11 +79,10 @@ class ConvHandler:
                 ctx.freeze(state.group, f"depthwise Conv '{node.name}' reads the group "
                                         "on an axis other than 1")
             return
-        if kind == "grouped":
-            reason = f"grouped Conv (group={group}) that is not depthwise"
-            freeze_inputs(node, ctx, reason)
+        if kind == "grouped":  # its inputs stay whole; its outputs go evenly from each group
+            freeze_inputs(node, ctx, f"grouped Conv (group={group}) that is not depthwise")
             produced = ctx.new_group(node.name, int(weight.shape[0]), output, axis=1, rank=rank)
-            ctx.freeze(produced, f"{reason} ({node.op_type} node '{node.name}' makes it)")
+            ctx.set_lanes(produced, group)
             return
         if isinstance(state, Plain) and state.axis == 1:
             ctx.add_sink(state.group, SinkUse(node.name, 0, node.input[0], 1))

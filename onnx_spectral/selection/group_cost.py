@@ -49,10 +49,14 @@ class _ShapeEditor:
 
 
 def _probe(graph: GraphIndex, group: ChannelGroup) -> dict[tuple[str, int], tuple[int, ...]]:
-    """Shapes of the constants the rewrite edits when `group` drops its last channel (its last
-    block, for a head group)."""
+    """Shapes of the constants the rewrite edits when `group` drops one step of channels: its
+    last channel, its last block (a head group), or the last channel of each lane."""
     editor = _ShapeEditor(graph)
-    kept = np.arange(group.channels - group.block, dtype=np.int64)
+    if group.lanes > 1:
+        size = group.channels // group.lanes
+        kept = np.flatnonzero(np.arange(group.channels) % size != size - 1)
+    else:
+        kept = np.arange(group.channels - group.block, dtype=np.int64)
     for member in group.members:
         node = graph.nodes_by_name[member.node]
         require_handler(node).slice(node, member, kept, group.channels, editor)
@@ -88,7 +92,7 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
         # a Concat/Split group loses one channel per channel of each of its base parts
         columns = ([column[part] for part, _, _ in group.parts if part in column]
                    if group.parts else [column[group.id]])
-        if group.channels <= group.block or not columns:
+        if group.channels <= group.step or not columns:
             continue
         for key, shape in _probe(graph, group).items():
             node = graph.nodes_by_name[key[0]]
@@ -98,7 +102,7 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             if key not in shrink:
                 shrink[key] = np.zeros((original.ndim, len(groups)))
             if len(shape) == original.ndim:
-                lost = (np.array(original.shape) - np.array(shape)) / group.block
+                lost = (np.array(original.shape) - np.array(shape)) / group.step
                 for column_index in columns:  # a part may repeat (a Split into equal halves)
                     shrink[key][:, column_index] += lost
     param_terms, mac_terms = [], []
@@ -122,7 +126,7 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
             mac_terms.append(CostTerm(scale, dims, table))
     mac_terms += _scaled_terms(groups, cost)
     varying_macs = sum(term.scale * float(np.prod(term.dims)) for term in mac_terms)
-    blocks = np.array([group.block for group in groups], dtype=np.int64)
+    blocks = np.array([group.step for group in groups], dtype=np.int64)
     return GroupCosts(
         groups=groups,
         macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms), blocks),

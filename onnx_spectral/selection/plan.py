@@ -137,26 +137,34 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
 
 
-def _l1_order(analysis: Analysis, group: ChannelGroup) -> np.ndarray:
-    """[m / block] blocks (channels, for a channel group) by decreasing producer L1 norm."""
+def _l1_norms(analysis: Analysis, group: ChannelGroup) -> np.ndarray:
+    """[m] the producers' L1 norm of each output channel."""
     graph = analysis.graph
     norms = np.zeros(group.channels)
     for producer in group.producers:
         node = graph.nodes_by_name[producer]
         rows = require_handler(node).output_rows(node, graph).astype(np.float64)
         norms += np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
-    return l1_norm_order(norms.reshape(-1, group.block))
+    return norms
 
 
 def _baseline_kept(analysis: Analysis, group: ChannelGroup, width: int,
                    selection: Selection) -> np.ndarray:
     """L1-norm channels (or heads), or random ones (seeded by the group id) for the random
-    baseline."""
+    baseline; `width / lanes` from each lane of a group with lanes."""
+    if group.lanes > 1:
+        size = group.channels // group.lanes
+        rng = np.random.default_rng(group.id)
+        norms = _l1_norms(analysis, group) if selection != "random" else None
+        return np.concatenate([
+            start + (rng.permutation(size) if norms is None
+                     else l1_norm_order(norms[start:start + size]))[: width // group.lanes]
+            for start in range(0, group.channels, size)])
     blocks = group.channels // group.block
     if selection == "random":
         order = np.random.default_rng(group.id).permutation(blocks)
     else:
-        order = _l1_order(analysis, group)
+        order = l1_norm_order(_l1_norms(analysis, group).reshape(-1, group.block))
     chosen = order[: width // group.block]
     return (chosen[:, None] * group.block + np.arange(group.block)).reshape(-1)
 
@@ -165,7 +173,7 @@ def _greedy(problems: Sequence[TapProblem], group: ChannelGroup, width: int) -> 
     """The greedy path of `width` channels: whole heads for a head group."""
     if group.block > 1:
         return greedy_select_blocks(problems, group.block, width)
-    return greedy_select(problems, width)
+    return greedy_select(problems, width, group.lanes)
 
 
 def _dropping(channels: int, kept: np.ndarray) -> np.ndarray:
@@ -231,7 +239,7 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
     paths: dict[int, GreedyPath] = {}
     if not options.budgeted:
         return np.array([round_width(g.channels, options.ratio * g.channels, options.round_to,
-                                     options.min_keep, g.block) for g in groups],
+                                     options.min_keep, g.step) for g in groups],
                         dtype=np.int64), paths
     assert costs is not None
     model = costs.macs if options.flops is not None else costs.params
@@ -273,7 +281,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     """
     if width is None:
         width = round_width(group.channels, options.ratio * group.channels, options.round_to, 1,
-                            group.block)
+                            group.step)
     if width == group.channels and compensation is None:
         kept = np.arange(group.channels)  # nothing is dropped: nothing to reconstruct (exact)
         identity = _dropping(group.channels, kept)
@@ -287,7 +295,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     problems = group_problems(analysis, group, statistics, options)
     curve = None
     if options.selection == "spectral" and compensation is not None and \
-            options.cross_selection and group.block == 1:
+            options.cross_selection and group.step == 1:
         kept = np.sort(cross_greedy_select(
             [(compensation[tap.tensor].second, compensation[tap.tensor].cross, problem.weight,
               default_ridge(compensation[tap.tensor].second, options.rho))

@@ -371,13 +371,16 @@ class _TapPath:
         self.cross_diag -= 2.0 * a * u
 
 
-def greedy_select(problems: Sequence[TapProblem], k: int) -> GreedyPath:
+def greedy_select(problems: Sequence[TapProblem], k: int, lanes: int = 1) -> GreedyPath:
     """Greedy forward selection of ``k`` channels (SPEC section 3).
 
     Starting from ``J = {}`` and ``R_t = Sigma_t``, each step adds the not yet chosen ``j``
     maximising ``sum_t gain_t(j)``, ``gain_t(j) = r_j^T M_t r_j / (R_t[j, j] + lambda_t)``
     with ``r_j = R_t[:, j]`` (the exact loss decrease), then applies the Schur-complement
     update ``R_t <- R_t - r_j r_j^T / (R_t[j, j] + lambda_t)``. Ties go to the lowest index.
+    With ``lanes`` > 1 the ``m`` channels are that many consecutive lanes of equal size, and
+    each step chooses among the lanes that have the fewest channels so far: every prefix of a
+    multiple of ``lanes`` channels holds as many of each lane (a grouped Conv's outputs).
 
     Cost: ``O(m^3)`` once per tap (``Sigma M Sigma``) and ``O(m^2)`` per step per tap,
     ``O(m^3 + k m^2)`` in all.
@@ -385,17 +388,23 @@ def greedy_select(problems: Sequence[TapProblem], k: int) -> GreedyPath:
     Args:
         problems: the taps of the group, all of the same ``m``.
         k: number of channels to choose, ``0 <= k <= m``.
+        lanes: equal consecutive lanes to keep balanced, a divisor of ``m``.
 
     Returns:
         The ``GreedyPath``; ``losses`` come from the maintained quantities
         (``losses[i] = losses[i - 1] - gain``).
 
     Raises:
-        OptionsError: no taps, differing ``m``, or ``k`` outside ``0..m``.
+        OptionsError: no taps, differing ``m``, ``k`` outside ``0..m`` or ``lanes`` not a
+            divisor of ``m``.
     """
     m = _group_size(problems)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= m:
         raise OptionsError(f"k must be an integer in 0..{m}, got {k!r}")
+    if lanes < 1 or m % lanes:
+        raise OptionsError(f"{m} channels cannot form {lanes} equal lanes")
+    lane = np.arange(m) // (m // lanes)  # [m] the lane of each channel
+    taken = np.zeros(lanes, dtype=np.int64)
     k = int(k)
     losses = np.empty(k + 1, dtype=np.float64)
     losses[0] = sum(float(np.einsum("ij,ji->", p.weight, p.sigma)) for p in problems)
@@ -410,8 +419,10 @@ def greedy_select(problems: Sequence[TapProblem], k: int) -> GreedyPath:
         cross_diag = np.stack([tap.cross_diag for tap in taps])
         gains = (np.maximum(cross_diag, 0.0) / (np.maximum(residual_diag, 0.0) + ridges)).sum(0)
         gains[chosen] = -np.inf
+        gains[taken[lane] > taken.min()] = -np.inf
         j = int(np.argmax(gains))
         chosen[j] = True
+        taken[lane[j]] += 1
         order[step] = j
         losses[step + 1] = max(losses[step] - float(gains[j]), 0.0)
         for tap in taps:
