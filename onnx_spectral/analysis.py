@@ -74,7 +74,10 @@ class ChannelGroup:
     """Nodes without weights whose MACs scale with the channels kept (attention MatMuls)."""
     lanes: int = 1
     """The channels are this many consecutive lanes of equal size, each keeping as many channels
-    as the others (the groups of a grouped Conv that produces them)."""
+    as the others (the groups of a grouped Conv that produces or reads them)."""
+    lane_local: bool = False
+    """A grouped Conv reads the lanes: each lane is reconstructed from its own kept channels
+    only (block-diagonal reconstructions)."""
 
     @property
     def step(self) -> int:
@@ -127,6 +130,7 @@ class _GroupRecord:
     block: int = 1
     scaled: list[str] = field(default_factory=list)
     lanes: int = 1
+    lane_local: bool = False
 
 
 class _Context:
@@ -180,6 +184,7 @@ class _Context:
         kept.scaled += merged.scaled
         self._merge_block(kept, merged.block, tensor)
         self._merge_lanes(kept, merged.lanes, tensor)
+        kept.lane_local = kept.lane_local or merged.lane_local
         return keep
 
     @staticmethod
@@ -263,9 +268,14 @@ class _Context:
         if record.channels % block:
             self.freeze(group, f"{record.channels} channels are not whole heads of {block}")
 
-    def set_lanes(self, group: int, lanes: int) -> None:
+    def set_lanes(self, group: int, lanes: int, local: bool = False) -> None:
         record = self._records[self.find(group)]
-        self._merge_lanes(record, lanes, record.tensors[-1] if record.tensors else "")
+        tensor = record.tensors[-1] if record.tensors else ""
+        if record.parts:
+            self.freeze(group, f"a grouped Conv reads a concatenation or split at '{tensor}'")
+            return
+        self._merge_lanes(record, lanes, tensor)
+        record.lane_local = record.lane_local or local
 
     def add_scaled(self, group: int, nodes: tuple[str, ...]) -> None:
         self._records[self.find(group)].scaled.extend(nodes)
@@ -315,6 +325,7 @@ class _Context:
                 block=record.block,
                 scaled=tuple(dict.fromkeys(record.scaled)),
                 lanes=record.lanes,
+                lane_local=record.lane_local,
             ))
         return tuple(groups)
 

@@ -444,26 +444,51 @@ BARRIERS = [
 ]
 
 
-def test_grouped_conv_outputs_go_evenly_from_each_group() -> None:
-    """conv1 (8) -> gconv (group 2: 6 outputs, 3 per group) -> conv2: what gconv reads stays
-    whole (with the reason); its outputs are a group of 2 lanes, halved to 2 per lane."""
+def _top_per_lane(weight: np.ndarray, lanes: int, keep: int) -> np.ndarray:
+    """The `keep` rows of largest L1 norm in each of `lanes` lanes of `weight`'s rows, sorted."""
+    norms = np.abs(weight).reshape(len(weight), -1).sum(axis=1)
+    size = len(weight) // lanes
+    return np.sort(np.concatenate([
+        start + np.argsort(-norms[start:start + size], kind="stable")[:keep]
+        for start in range(0, len(weight), size)]))
+
+
+def test_grouped_conv_channels_go_evenly_from_each_group() -> None:
+    """conv1 (8) -> gconv (group 2: 6 outputs, 3 per group) -> conv2. What gconv reads is a
+    group of 2 lanes of 4, reconstructed lane by lane; its outputs a group of 2 lanes of 3. At
+    ratio 0.5 each lane keeps half (rounded up to whole lanes: 4 of 8, 4 of 6), gconv keeps
+    group 2, and with every channel kept the model is unchanged."""
     model = graphs.conv_sandwich(graphs.grouped_conv, channels=8)
     groups = _by_producer(analyze(model).groups)
-    assert any("grouped Conv (group=2)" in reason and "gconv" in reason
-               for reason in groups["conv1"].frozen)
+    assert groups["conv1"].prunable and groups["conv1"].lanes == 2
+    assert groups["conv1"].lane_local
     assert groups["gconv"].prunable and groups["gconv"].lanes == 2
+    assert not groups["gconv"].lane_local
     compressed, report = compress(model, _data(model, CALIB + VERIFY, seed=1), ratio=0.5,
                                   **FAST)
     onnx.checker.check_model(compressed, full_check=True)
-    original = _constant(model, "gconv", 1)  # [6, 4, 3, 3]
+    conv1 = _constant(compressed, "conv1", 1)
+    original_conv1 = _constant(model, "conv1", 1)  # [8, 3, 3, 3]
+    conv1_lanes = [int(np.flatnonzero(np.all(original_conv1 == row, axis=(1, 2, 3)))[0]) // 4
+                   for row in conv1]
+    assert conv1_lanes == [0, 0, 1, 1]
     kept_rows = _constant(compressed, "gconv", 1)
-    assert kept_rows.shape == (4, 4, 3, 3)
+    assert kept_rows.shape == (4, 2, 3, 3)  # 4 outputs, 2 inputs per conv group
     assert attributes(_node(compressed, "gconv"))["group"] == 2
-    lanes = [int(np.flatnonzero(np.all(original == row, axis=(1, 2, 3)))[0]) // 3
-             for row in kept_rows]
-    assert lanes == [0, 0, 1, 1]
     assert _constant(compressed, "conv2", 1).shape == (5, 4, 3, 3)
-    _check_runs_like(model, compressed, _data(model, 4, seed=2))
+    plain, _ = compress(model, _data(model, CALIB + VERIFY, seed=1), ratio=0.5,
+                        selection="l1", reconstruct=False, **FAST)
+    gconv = _constant(model, "gconv", 1)  # [6, 4, 3, 3]: rows 3g..3g+2 read inputs 4g..4g+3
+    inputs = _top_per_lane(original_conv1, 2, 2)  # the L1 choice: 2 of 4 per lane
+    outputs = _top_per_lane(gconv, 2, 2)  # 2 of 3 per lane
+    expected = np.stack([gconv[o][inputs[2 * (o // 3): 2 * (o // 3) + 2] % 4] for o in outputs])
+    np.testing.assert_array_equal(_constant(plain, "gconv", 1), expected)
+    want, got = _check_runs_like(model, compressed, _data(model, 4, seed=2))
+    whole, _ = compress(model, _data(model, CALIB + VERIFY, seed=1), ratio=1.0, ridge=1e-9,
+                        **FAST)
+    _, same = _check_runs_like(model, whole, _data(model, 4, seed=2))
+    for name in want:
+        np.testing.assert_allclose(same[name], want[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("build, expected", [(b, e) for _, b, e in BARRIERS],

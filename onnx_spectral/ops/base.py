@@ -148,9 +148,11 @@ class AnalysisContext(Protocol):
         """Channels of the group are removed only in whole consecutive blocks of `block`
         (attention heads); a conflicting block freezes the group."""
 
-    def set_lanes(self, group: int, lanes: int) -> None:
+    def set_lanes(self, group: int, lanes: int, local: bool = False) -> None:
         """The group's channels are `lanes` consecutive lanes that keep equal numbers of
-        channels (the groups of a grouped Conv); conflicting lanes or heads freeze the group."""
+        channels (the groups of a grouped Conv); `local`: a grouped Conv reads them, so each
+        lane is reconstructed from its own channels. Conflicting lanes or heads, or a
+        concatenation, freeze the group."""
 
     def add_scaled(self, group: int, nodes: tuple[str, ...]) -> None:
         """Nodes without weights whose MACs scale with the channels the group keeps."""

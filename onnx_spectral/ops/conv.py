@@ -1,7 +1,8 @@
 """Conv and ConvTranspose: producers and sinks when dense (group == 1); channel-wise when
-depthwise. A grouped Conv is a producer whose output channels are kept evenly from each of its
-groups (the group's `lanes`); what it reads stays whole. Grouped ConvTranspose is frozen with
-the reason."""
+depthwise. A grouped Conv is a producer and a sink whose channels, in and out, are kept evenly
+from each of its groups (the groups' `lanes`); what it reads is reconstructed lane by lane, so
+the fold keeps each conv group reading its own lane. Grouped ConvTranspose is frozen with the
+reason."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnx_spectral.errors import RewriteError
 from onnx_spectral.graph.model import GraphIndex, attributes
 from onnx_spectral.ops.base import (
     AnalysisContext,
@@ -46,6 +48,18 @@ def _bias_position(node: onnx.NodeProto) -> int | None:
     return 2 if len(node.input) > 2 and node.input[2] else None
 
 
+def _group(node: onnx.NodeProto) -> int:
+    return int(attributes(node).get("group", 1))  # type: ignore[call-overload]
+
+
+def _lanes(weight: np.ndarray, group: int) -> list[tuple[np.ndarray, slice]]:
+    """Per conv group g of a Conv weight [M, C/g, k...]: its rows [M/g, C/g, k...] and the
+    input channels it reads (lane g of C)."""
+    rows, inputs = weight.shape[0] // group, weight.shape[1]
+    return [(weight[lane * rows:(lane + 1) * rows], slice(lane * inputs, (lane + 1) * inputs))
+            for lane in range(group)]
+
+
 def _kind(weight: np.ndarray, group: int) -> str:
     out_channels, in_per_group = weight.shape[0], weight.shape[1]
     if group == 1:
@@ -79,8 +93,13 @@ class ConvHandler:
                 ctx.freeze(state.group, f"depthwise Conv '{node.name}' reads the group "
                                         "on an axis other than 1")
             return
-        if kind == "grouped":  # its inputs stay whole; its outputs go evenly from each group
-            freeze_inputs(node, ctx, f"grouped Conv (group={group}) that is not depthwise")
+        if kind == "grouped":  # what it reads and what it makes go evenly from each group
+            if isinstance(state, Plain) and state.axis == 1:
+                ctx.set_lanes(state.group, group, local=True)
+                ctx.add_sink(state.group, SinkUse(node.name, 0, node.input[0], 1))
+            elif state is not None:
+                ctx.freeze(state.group, f"grouped Conv '{node.name}' reads the group through a "
+                                        "layout change it cannot follow")
             produced = ctx.new_group(node.name, int(weight.shape[0]), output, axis=1, rank=rank)
             ctx.set_lanes(produced, group)
             return
@@ -109,16 +128,38 @@ class ConvHandler:
 
     def sink_gram(self, node: onnx.NodeProto, sink: SinkUse, channels: int,
                   graph: GraphIndex) -> np.ndarray:
+        """Sum over output channels and kernel taps of W_tap^T W_tap, [C, C]; block-diagonal
+        for a grouped Conv (conv group g reads only input lane g)."""
         weight = graph.input_constant(node, 1)
         assert weight is not None
-        rows = np.moveaxis(weight.astype(np.float64), 1, -1).reshape(-1, weight.shape[1])
-        return rows.T @ rows  # sum over output channels and kernel taps of W_tap^T W_tap
+        lanes = _lanes(weight, _group(node))
+        gram = np.zeros((channels, channels))
+        for rows, inputs in lanes:
+            flat = np.moveaxis(rows.astype(np.float64), 1, -1).reshape(-1, rows.shape[1])
+            gram[inputs, inputs] = flat.T @ flat
+        return gram
 
     def fold(self, node: onnx.NodeProto, sink: SinkUse, reconstruction: np.ndarray,
              kept: np.ndarray, editor: Editor) -> None:
+        """W' = W A; for a grouped Conv, per conv group g, W_g' = W_g A_g with A_g the block of
+        A from input lane g to its kept channels (A must be block-diagonal)."""
         weight = editor.input_value(node, 1)
         assert weight is not None
-        editor.set_input_value(node, 1, fold_input_channels(weight, reconstruction, axis=1))
+        group = _group(node)
+        if group == 1:
+            editor.set_input_value(node, 1, fold_input_channels(weight, reconstruction, axis=1))
+            return
+        kept_per_lane = reconstruction.shape[1] // group
+        folded, covered = [], np.zeros_like(reconstruction, dtype=bool)
+        for lane, (rows, inputs) in enumerate(_lanes(weight, group)):
+            columns = slice(lane * kept_per_lane, (lane + 1) * kept_per_lane)
+            covered[inputs, columns] = True
+            folded.append(fold_input_channels(rows, reconstruction[inputs, columns], axis=1))
+        outside = np.abs(reconstruction[~covered])
+        if outside.size and outside.max() > 1e-9 * np.abs(reconstruction).max():
+            raise RewriteError(f"grouped Conv '{node.name}': the reconstruction of its input "
+                               "mixes its groups (it must be block-diagonal)")
+        editor.set_input_value(node, 1, np.concatenate(folded, axis=0))
 
     # the linear-layer view: W [M, C/g, k...] as [M, C/g * k], channel-major
 

@@ -60,7 +60,7 @@ def _probe(graph: GraphIndex, group: ChannelGroup) -> dict[tuple[str, int], tupl
     for member in group.members:
         node = graph.nodes_by_name[member.node]
         require_handler(node).slice(node, member, kept, group.channels, editor)
-    dropping = np.eye(group.channels)[:, : kept.size]
+    dropping = np.eye(group.channels)[:, kept]
     for tap in group.taps:
         for sink in tap.sinks:
             node = graph.nodes_by_name[sink.node]

@@ -119,10 +119,24 @@ class PlannedGroup:
         return None if self.spectrum is None else degrees_of_freedom(self.spectrum, self.rho)
 
 
+def lane_diagonal(matrix: np.ndarray, lanes: int) -> np.ndarray:
+    """`matrix` [m, m] with the entries between different lanes (of m / lanes consecutive
+    channels) set to zero: what a lane-by-lane reconstruction sees."""
+    lane = np.arange(matrix.shape[0]) // (matrix.shape[0] // lanes)
+    return np.where(lane[:, None] == lane[None, :], matrix, 0.0)
+
+
+def _lane_local(moments: CrossMoments, lanes: int) -> CrossMoments:
+    """Moments whose reconstruction `cross_reconstruction` is block-diagonal over the lanes."""
+    return CrossMoments(lane_diagonal(moments.second, lanes), lane_diagonal(moments.cross, lanes),
+                        moments.mean_pruned, moments.mean_original)
+
+
 def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: PlanOptions,
-             window: tuple[int, int] | None = None) -> TapProblem:
+             window: tuple[int, int] | None = None, lanes: int = 1) -> TapProblem:
     """The selection problem of a tap; of its channels offset..offset+size when `window` is
-    given (a base group's part of a concatenated tap)."""
+    given (a base group's part of a concatenated tap); within each of `lanes` lanes only
+    (cross-lane entries zeroed) when a grouped Conv reads them."""
     sigma = statistics[tap.tensor].sigma
     graph = analysis.graph
     sink_gram = np.zeros((tap.channels, tap.channels))
@@ -133,6 +147,8 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
         offset, size = window
         sigma = sigma[offset : offset + size, offset : offset + size]
         sink_gram = sink_gram[offset : offset + size, offset : offset + size]
+    if lanes > 1:
+        sigma, sink_gram = lane_diagonal(sigma, lanes), lane_diagonal(sink_gram, lanes)
     weight = loss_weight(sigma.shape[0], sink_gram, options.theta)
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
 
@@ -194,7 +210,8 @@ def group_spectrum(analysis: Analysis, group: ChannelGroup,
 def group_problems(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
                    options: PlanOptions) -> list[TapProblem]:
     """The selection problem of each tap of `group`."""
-    return [_problem(analysis, tap, statistics, options) for tap in group.taps]
+    lanes = group.lanes if group.lane_local else 1
+    return [_problem(analysis, tap, statistics, options, lanes=lanes) for tap in group.taps]
 
 
 Window = tuple[Tap, int]
@@ -312,18 +329,21 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
     reconstructions = {}
     offsets = {}
+    affine = options.affine and not group.lane_local  # an offset would couple the lanes
     for tap, problem in zip(group.taps, problems, strict=True):
         if not options.reconstruct:
             reconstructions[tap.tensor] = _dropping(group.channels, kept)
         elif compensation is not None and tap.tensor in compensation:
             moments = compensation[tap.tensor]
+            if group.lane_local:
+                moments = _lane_local(moments, group.lanes)
             ridge = default_ridge(moments.second, options.rho)
-            if options.affine and supports_offset(analysis.graph, tap):
+            if affine and supports_offset(analysis.graph, tap):
                 reconstructions[tap.tensor], offsets[tap.tensor] = affine_cross_reconstruction(
                     moments, kept, ridge)
             else:
                 reconstructions[tap.tensor] = cross_reconstruction(moments, kept, ridge)
-        elif options.affine and supports_offset(analysis.graph, tap):
+        elif affine and supports_offset(analysis.graph, tap):
             reconstructions[tap.tensor], offsets[tap.tensor] = affine_reconstruction(
                 problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge)
         else:
