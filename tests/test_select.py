@@ -362,3 +362,16 @@ def test_greedy_keeps_lanes_balanced() -> None:
     assert np.all(np.diff(path.losses) <= 1e-12)
     with pytest.raises(OptionsError, match="9 channels cannot form 2 equal lanes"):
         greedy_select(problems, 4, lanes=2)
+
+
+def test_exact_kept_reconstruction_passes_the_kept_channels() -> None:
+    """Rank 3 for 6 channels: the kept rows are the identity, the dropped rows the ridge
+    regression of the formula."""
+    sigma = _random_psd(np.random.default_rng(3), 6, 3)
+    kept = np.array([0, 1, 4, 5])
+    ridge = default_ridge(sigma, 1e-3)
+    formula = reconstruction(sigma, kept, ridge)
+    exact = reconstruction(sigma, kept, ridge, exact_kept=True)
+    np.testing.assert_array_equal(exact[kept], np.eye(4))
+    np.testing.assert_allclose(exact[[2, 3]], formula[[2, 3]])
+    assert np.abs(formula[kept] - np.eye(4)).max() > 0.1  # the projection it avoids

@@ -314,7 +314,7 @@ def rank_notes(statistics: Statistics, taps: Sequence[Tap]) -> list[str]:
         count = statistics.taps[tap.tensor].count if tap.tensor in statistics.taps else None
         if count is not None and count < tap.channels:
             notes.append(f"tensor '{tap.tensor}': {count} calibration rows (samples x positions)"
-                         f" for {tap.channels} channels: its Gram matrix is singular and the "
-                         f"reconstruction rests on the ridge alone; give at least {tap.channels} "
-                         "samples")
+                         f" for {tap.channels} channels: its Gram matrix is singular, so the "
+                         "kept channels pass unchanged and only the dropped ones are "
+                         f"reconstructed; give at least {tap.channels} samples")
     return notes

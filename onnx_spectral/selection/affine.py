@@ -38,11 +38,12 @@ def supports_offset(graph: GraphIndex, tap: Tap) -> bool:
     return True
 
 
-def affine_reconstruction(sigma: np.ndarray, mean: np.ndarray, kept: np.ndarray, ridge: float
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """``A`` ([m, k]) and ``c`` ([m]) from the second moment ``sigma`` [m, m] and ``mean`` [m]."""
+def affine_reconstruction(sigma: np.ndarray, mean: np.ndarray, kept: np.ndarray, ridge: float,
+                          exact_kept: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``A`` ([m, k]) and ``c`` ([m]) from the second moment ``sigma`` [m, m] and ``mean`` [m]
+    (`exact_kept`: see `spectral.reconstruction`)."""
     covariance = sigma - np.outer(mean, mean)
-    matrix = reconstruction(covariance, kept, ridge)
+    matrix = reconstruction(covariance, kept, ridge, exact_kept)
     return matrix, mean - matrix @ mean[kept]
 
 

@@ -39,14 +39,26 @@ class CrossMoments:
                             np.zeros_like(self.mean_pruned), np.zeros_like(self.mean_original))
 
 
-def cross_reconstruction(moments: CrossMoments, kept: np.ndarray, ridge: float) -> np.ndarray:
-    """``A = C[:, J] (S[J, J] + lambda I)^-1``, [m, k]."""
-    gram = moments.second[np.ix_(kept, kept)] + ridge * np.eye(kept.size)
-    return np.linalg.solve(gram, moments.cross[:, kept].T).T
+def cross_reconstruction(moments: CrossMoments, kept: np.ndarray, ridge: float,
+                         toward_kept: bool = False) -> np.ndarray:
+    """``A = C[:, J] (S[J, J] + lambda I)^-1``, [m, k].
+
+    `toward_kept`: the ridge pulls toward passing the kept channels unchanged instead of toward
+    zero, ``A = P + (C[:, J] - P S[J, J]) (S[J, J] + lambda I)^-1`` with ``P`` the selector of
+    ``J`` (for singular moments, where pulling toward zero drops the kept channels' directions
+    that the calibration rows do not span).
+    """
+    second = moments.second[np.ix_(kept, kept)]
+    gram = second + ridge * np.eye(kept.size)
+    if not toward_kept:
+        return np.linalg.solve(gram, moments.cross[:, kept].T).T
+    selector = np.zeros((moments.cross.shape[0], kept.size))
+    selector[kept, np.arange(kept.size)] = 1.0
+    return selector + np.linalg.solve(gram, (moments.cross[:, kept] - selector @ second).T).T
 
 
-def affine_cross_reconstruction(moments: CrossMoments, kept: np.ndarray, ridge: float
-                                ) -> tuple[np.ndarray, np.ndarray]:
+def affine_cross_reconstruction(moments: CrossMoments, kept: np.ndarray, ridge: float,
+                                toward_kept: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``A`` ([m, k]) from the centered moments and the offset ``c = mu_o - A mu_p[J]`` ([m])."""
-    matrix = cross_reconstruction(moments.centered(), kept, ridge)
+    matrix = cross_reconstruction(moments.centered(), kept, ridge, toward_kept)
     return matrix, moments.mean_original - matrix @ moments.mean_pruned[kept]

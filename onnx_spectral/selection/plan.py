@@ -331,6 +331,8 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
     offsets = {}
     affine = options.affine and not group.lane_local  # an offset would couple the lanes
     for tap, problem in zip(group.taps, problems, strict=True):
+        # fewer rows than channels: the kept channels pass unchanged (`reconstruction`)
+        singular = statistics[tap.tensor].count < group.channels
         if not options.reconstruct:
             reconstructions[tap.tensor] = _dropping(group.channels, kept)
         elif compensation is not None and tap.tensor in compensation:
@@ -340,14 +342,16 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
             ridge = default_ridge(moments.second, options.rho)
             if affine and supports_offset(analysis.graph, tap):
                 reconstructions[tap.tensor], offsets[tap.tensor] = affine_cross_reconstruction(
-                    moments, kept, ridge)
+                    moments, kept, ridge, singular)
             else:
-                reconstructions[tap.tensor] = cross_reconstruction(moments, kept, ridge)
+                reconstructions[tap.tensor] = cross_reconstruction(moments, kept, ridge,
+                                                                   singular)
         elif affine and supports_offset(analysis.graph, tap):
             reconstructions[tap.tensor], offsets[tap.tensor] = affine_reconstruction(
-                problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge)
+                problem.sigma, statistics[tap.tensor].mean, kept, problem.ridge, singular)
         else:
-            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
+            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge,
+                                                         singular)
     return PlannedGroup(GroupPlan(group, kept, reconstructions, offsets or None), curve,
                         group_spectrum(analysis, group, statistics), options.rho)
 
@@ -365,7 +369,8 @@ def plan_derived(analysis: Analysis, group: ChannelGroup, kept_by_group: dict[in
     for tap in group.taps:
         if options.reconstruct and kept.size < group.channels:
             problem = _problem(analysis, tap, statistics, options)
-            reconstructions[tap.tensor] = reconstruction(problem.sigma, kept, problem.ridge)
+            reconstructions[tap.tensor] = reconstruction(
+                problem.sigma, kept, problem.ridge, statistics[tap.tensor].count < group.channels)
         else:
             reconstructions[tap.tensor] = _dropping(group.channels, kept)
     return PlannedGroup(GroupPlan(group, kept, reconstructions), None)

@@ -221,8 +221,13 @@ def information_loss(problems: Sequence[TapProblem], kept: Sequence[int] | np.nd
     return total
 
 
-def reconstruction(sigma: np.ndarray, kept: np.ndarray, ridge: float) -> np.ndarray:
+def reconstruction(sigma: np.ndarray, kept: np.ndarray, ridge: float,
+                   exact_kept: bool = False) -> np.ndarray:
     """Ridge reconstruction ``A_J = Sigma[:, J] (Sigma[J, J] + lambda I)^-1``.
+
+    `exact_kept`: the kept channels pass unchanged (``A_J[J] = I``) and only the dropped ones
+    are regressed on them. For a singular ``Sigma`` (fewer calibration rows than channels) the
+    ridge solution would project the kept channels onto the span of those rows.
 
     ``A_J t_J`` is the least-squares (ridge) estimate of the whole channel vector ``t`` from
     the kept channels ``t_J``.
@@ -246,7 +251,10 @@ def reconstruction(sigma: np.ndarray, kept: np.ndarray, ridge: float) -> np.ndar
     if indices.size == 0:
         return np.zeros((matrix.shape[0], 0), dtype=np.float64)
     # (Sigma_JJ + lambda I) is symmetric, so A^T = (Sigma_JJ + lambda I)^-1 Sigma[J, :].
-    return _ridge_solve(matrix, indices, ridge).T
+    result = _ridge_solve(matrix, indices, ridge).T
+    if exact_kept:
+        result[indices] = np.eye(indices.size)
+    return result
 
 
 @dataclass(frozen=True, eq=False)
