@@ -23,6 +23,7 @@ import onnx
 from onnx_spectral.analysis import Analysis, Tap, analyze
 from onnx_spectral.calibration.batches import after, skip, teed
 from onnx_spectral.calibration.collect import (
+    BatchRunError,
     KeptActivations,
     Statistics,
     calibrate,
@@ -64,7 +65,7 @@ from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
-from onnx_spectral.verify import Verified, verify_on_held_out
+from onnx_spectral.verify import Verified, check_input_runs, verify_on_held_out
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
 
@@ -296,11 +297,15 @@ def shared_statistics(prepared: Prepared, options: CompressOptions, keep_batches
         calibration = stream.take(n_calib, prepared.batch)
         if keep_batches:  # the first batches are read again by each correction pass
             calibration = teed(calibration, options.compensation_samples, first_batches)
-        gathered = (calibrate(instrumented, calibration, options.provider,
-                              total_samples=n_calib, progress=options.progress,
-                              executor=executor, keep=keep)
-                    if analysis.taps and options.plan_options().needs_statistics
-                    else Statistics({}, 0))
+        try:
+            gathered = (calibrate(instrumented, calibration, options.provider,
+                                  total_samples=n_calib, progress=options.progress,
+                                  executor=executor, keep=keep)
+                        if analysis.taps and options.plan_options().needs_statistics
+                        else Statistics({}, 0))
+        except BatchRunError as error:  # the model's fault, or the data's?
+            check_input_runs(prepared.original, error.feeds, options.provider, error.where)
+            raise
         held_out = list(stream.take(n_verify, prepared.batch))
     warnings = (*gathered.notes, *rank_notes(gathered, analysis.taps))
     return Calibrated(gathered, instrumented, tuple(first_batches), tuple(held_out), warnings)

@@ -58,6 +58,19 @@ def _open(model: onnx.ModelProto, provider: Provider, role: str) -> ort.Inferenc
         raise _failure(exc, role) from exc
 
 
+def check_input_runs(model: onnx.ModelProto, feeds: FeedDict, provider: Provider,
+                     where: str) -> None:
+    """Raise ModelError when ONNX Runtime cannot run the input `model` on `feeds` (`where`
+    names them, e.g. "calibration samples 0..7")."""
+    try:
+        session = open_session(model, provider)
+        session.run(None, dict(feeds))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        if is_out_of_memory(exc):
+            return
+        raise ModelError(f"ONNX Runtime cannot run the input model on {where}: {exc}") from exc
+
+
 def _failure(exc: Exception, role: str) -> Exception:
     """The error of running the `role` ("input", "compressed") model on held-out batches."""
     if is_out_of_memory(exc):

@@ -194,6 +194,20 @@ def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelP
     return copy
 
 
+class BatchRunError(DataError):
+    """ONNX Runtime failed on the instrumented model for `feeds`, the samples `where` names
+    (the caller may check whether the input model itself runs on them)."""
+
+    def __init__(self, where: str, feeds: FeedDict, cause: str) -> None:
+        super().__init__(f"ONNX Runtime fails on {where}: {cause}")
+        self.where = where
+        self.feeds = feeds
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[type[BatchRunError], tuple[str, FeedDict, str]]:
+        return BatchRunError, (self.where, self.feeds, self.cause)  # from Ray workers
+
+
 class _GramAccumulator:
     def __init__(self, runner: _SplittingRunner, keeping: _SplittingRunner | None,
                  keep: KeptActivations | None, cache: WorkerCache) -> None:
@@ -262,8 +276,9 @@ class _SplittingRunner:
                 results = self._run_piece(sample_range(feeds, start, start + step))
             except Exception as exc:
                 if not is_out_of_memory(exc):
-                    raise DataError(f"ONNX Runtime fails on calibration samples {offset + start}"
-                                    f"..{offset + start + step - 1}: {exc}") from exc
+                    raise BatchRunError(
+                        f"calibration samples {offset + start}..{offset + start + step - 1}",
+                        sample_range(feeds, start, start + step), str(exc)) from exc
                 if step == 1:
                     raise ResourceError("calibration runs out of memory even with a batch of "
                                         f"1 sample: {exc}") from exc
