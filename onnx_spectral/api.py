@@ -35,10 +35,10 @@ from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
     SampleStream,
-    batching_problem,
     fixed_batch_size,
     model_input_specs,
     open_calibration,
+    runs_note,
     split_counts,
 )
 from onnx_spectral.calibration.stats_files import (
@@ -230,13 +230,8 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
         raise UnsupportedGraphError(nothing_prunable(analysis))
     saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
     warnings = [str(warning.message) for warning in caught]
-    initializers_note = initializer_inputs_note(original, options.initializer_inputs)
-    unbatched = batching_problem(specs)
-    notes = tuple(note for note in (
-        initializers_note,
-        None if unbatched is None or stream is None else
-        f"each feed dict is one run of the model, not batched with others: {unbatched}")
-        if note is not None)
+    notes = tuple(note for note in (initializer_inputs_note(original, options.initializer_inputs),
+                                    None if stream is None else runs_note(specs)) if note)
     if saved is not None:
         warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     if options.quantize != "none":

@@ -23,7 +23,8 @@ from onnx_spectral.errors import OptionsError
 from onnx_spectral.graph.model import InitializerInputs
 from onnx_spectral.graph.sessions import Provider
 from onnx_spectral.quantize import Quantize, QuantizeFormat, QuantizeMethod
-from onnx_spectral.selection.plan import PlanOptions, Selection
+from onnx_spectral.selection.baselines import Selection
+from onnx_spectral.selection.plan import PlanOptions
 from onnx_spectral.selection.widths import Allocation
 
 Check = Callable[[Any], "str | None"]

@@ -180,11 +180,20 @@ def test_split_sizes_follow_the_kept_pieces_at_other_ratios() -> None:
     _check_runs_like(model, compressed, _data(model, 3, seed=2))
 
 
-def test_grouped_conv_is_frozen_with_its_reason() -> None:
-    from tests import graphs
-    model = graphs.conv_sandwich(graphs.grouped_conv, channels=8)
-    group = _by_producer(analyze(model).groups)["conv1"]
-    assert any("grouped Conv (group=2)" in reason for reason in group.frozen)
+def test_grouped_conv_reading_a_concatenation_is_frozen_with_its_reason() -> None:
+    """x -> conv1 (4), conv1b (4) -> Concat (8) -> gconv (group 2) -> y: the lanes of gconv would
+    have to stay balanced across the two parts, which are selected on their own."""
+    from tests.graphs import GraphBuilder
+    b = GraphBuilder(0)
+    joined = b.node("Concat", [b.conv("x", "conv1", 3, 4), b.conv("x", "conv1b", 3, 4)],
+                    "concat", axis=1)
+    b.conv(joined, "gconv", 8, 6, group=2)
+    model = b.model([("x", ["N", 3, 8, 8])], [("gconv", ["N", 6, 8, 8])])
+    groups = analyze(model).groups
+    concat = next(group for group in groups if group.parts)
+    assert any("a grouped Conv reads a concatenation or split" in reason
+               for reason in concat.frozen)
+    assert all(not group.prunable for group in groups if group.producers != ("gconv",))
 
 
 def test_negative_dim_value_is_read_as_dynamic() -> None:

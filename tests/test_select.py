@@ -9,6 +9,7 @@ import pytest
 
 from onnx_spectral.errors import OptionsError, StatisticsError
 from onnx_spectral.selection import spectral as select
+from onnx_spectral.selection.baselines import l1_norm_order
 from onnx_spectral.selection.cross_select import cross_greedy_select
 from onnx_spectral.selection.spectral import (
     GreedyPath,
@@ -16,7 +17,6 @@ from onnx_spectral.selection.spectral import (
     default_ridge,
     greedy_select,
     information_loss,
-    l1_norm_order,
     loss_weight,
     reconstruction,
 )

@@ -78,6 +78,13 @@ def batching_problem(inputs: Sequence[InputSpec]) -> str | None:
     return declared_batching_problem({spec.name: spec.shape for spec in inputs})
 
 
+def runs_note(inputs: Sequence[InputSpec]) -> str | None:
+    """What the report says of a model fed runs (None for one whose data is batched)."""
+    problem = batching_problem(inputs)
+    return (None if problem is None
+            else f"each feed dict is one run of the model, not batched with others: {problem}")
+
+
 def fixed_batch_size(inputs: Sequence[InputSpec]) -> int | None:
     """The batch size the model requires when every input declares the same static axis 0,
     else None (also for runs, which are never re-batched).

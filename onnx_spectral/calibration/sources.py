@@ -33,6 +33,7 @@ from onnx_spectral.calibration.inputs import (
     conform_feed,
     fixed_batch_size,
     model_input_specs,
+    runs_note,
     sample_count,
     show_shape,
     split_counts,
@@ -43,7 +44,7 @@ from onnx_spectral.graph.executor import Run
 __all__ = [
     "ACCEPTED_SOURCES", "DataSource", "FeedDict", "FeedReader", "InputSpec", "Preprocess",
     "RANDOM_WARNING", "SampleStream", "batching_problem", "fixed_batch_size", "model_input_specs",
-    "open_calibration", "split_counts",
+    "open_calibration", "runs_note", "split_counts",
 ]
 
 ARRAY_SUFFIXES = (".npy", ".npz")

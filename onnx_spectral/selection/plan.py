@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from onnx_spectral.analysis import Analysis, ChannelGroup, Tap
 from onnx_spectral.calibration.collect import Statistics
 from onnx_spectral.ops import require_handler
 from onnx_spectral.selection.affine import affine_reconstruction, supports_offset
+from onnx_spectral.selection.baselines import Selection, baseline_kept
 from onnx_spectral.selection.cross_select import cross_greedy_select
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.heads import greedy_select_blocks
@@ -34,7 +34,6 @@ from onnx_spectral.selection.spectral import (
     TapProblem,
     default_ridge,
     greedy_select,
-    l1_norm_order,
     loss_weight,
     reconstruction,
 )
@@ -47,8 +46,6 @@ from onnx_spectral.selection.widths import (
     normalized_spectrum,
     round_width,
 )
-
-Selection = Literal["spectral", "l1", "random"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,38 +148,6 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
         sigma, sink_gram = lane_diagonal(sigma, lanes), lane_diagonal(sink_gram, lanes)
     weight = loss_weight(sigma.shape[0], sink_gram, options.theta)
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
-
-
-def _l1_norms(analysis: Analysis, group: ChannelGroup) -> np.ndarray:
-    """[m] the producers' L1 norm of each output channel."""
-    graph = analysis.graph
-    norms = np.zeros(group.channels)
-    for producer in group.producers:
-        node = graph.nodes_by_name[producer]
-        rows = require_handler(node).output_rows(node, graph).astype(np.float64)
-        norms += np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
-    return norms
-
-
-def _baseline_kept(analysis: Analysis, group: ChannelGroup, width: int,
-                   selection: Selection) -> np.ndarray:
-    """L1-norm channels (or heads), or random ones (seeded by the group id) for the random
-    baseline; `width / lanes` from each lane of a group with lanes."""
-    if group.lanes > 1:
-        size = group.channels // group.lanes
-        rng = np.random.default_rng(group.id)
-        norms = _l1_norms(analysis, group) if selection != "random" else None
-        return np.concatenate([
-            start + (rng.permutation(size) if norms is None
-                     else l1_norm_order(norms[start:start + size]))[: width // group.lanes]
-            for start in range(0, group.channels, size)])
-    blocks = group.channels // group.block
-    if selection == "random":
-        order = np.random.default_rng(group.id).permutation(blocks)
-    else:
-        order = l1_norm_order(_l1_norms(analysis, group).reshape(-1, group.block))
-    chosen = order[: width // group.block]
-    return (chosen[:, None] * group.block + np.arange(group.block)).reshape(-1)
 
 
 def _greedy(problems: Sequence[TapProblem], group: ChannelGroup, width: int) -> GreedyPath:
@@ -305,7 +270,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: identity for tap in group.taps}),
                             None)
     if not options.needs_statistics:
-        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
+        kept = np.sort(baseline_kept(analysis, group, width, options.selection))
         dropping = _dropping(group.channels, kept)
         return PlannedGroup(GroupPlan(group, kept, {tap.tensor: dropping for tap in group.taps}),
                             None)
@@ -326,7 +291,7 @@ def plan_group(analysis: Analysis, group: ChannelGroup, statistics: Statistics,
         kept = np.sort(path.order[:width])
         curve = path.losses / max(path.losses[0], np.finfo(np.float64).tiny)
     else:
-        kept = np.sort(_baseline_kept(analysis, group, width, options.selection))
+        kept = np.sort(baseline_kept(analysis, group, width, options.selection))
     reconstructions = {}
     offsets = {}
     affine = options.affine and not group.lane_local  # an offset would couple the lanes

@@ -437,23 +437,3 @@ def greedy_select(problems: Sequence[TapProblem], k: int, lanes: int = 1) -> Gre
             tap.add(j)
     return GreedyPath(order=order, losses=losses)
 
-
-def l1_norm_order(weight_rows: np.ndarray) -> np.ndarray:
-    """Channels by decreasing L1 norm of the producer's output rows (Li et al. baseline).
-
-    Args:
-        weight_rows: ``[m, ...]`` producer weight, one row (of any shape) per output channel.
-
-    Returns:
-        int64 ``[m]`` channel indices, largest L1 norm first, lowest index first on ties.
-
-    Raises:
-        OptionsError: ``weight_rows`` is 0-D or holds NaN/inf.
-    """
-    rows = np.asarray(weight_rows, dtype=np.float64)
-    if rows.ndim == 0:
-        raise OptionsError("weight_rows must have a leading channel axis, got a scalar")
-    if not np.all(np.isfinite(rows)):
-        raise OptionsError("weight_rows holds NaN or infinite values")
-    norms = np.abs(rows.reshape(rows.shape[0], -1)).sum(axis=1)
-    return np.argsort(-norms, kind="stable").astype(np.int64)
