@@ -259,8 +259,16 @@ def test_unnamed_nodes_and_model_untouched():
 
 
 def test_shape_inference_failure_is_model_error():
-    # Without padding the Conv gives [1, 2, 2, 2], not the declared [1, 2, 4, 4].
-    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
-    model = _model([conv], [("x", [1, 3, 4, 4])], [("y", [1, 2, 4, 4])], [_init("w", [2, 3, 3, 3])])
+    # A [4, 2] weight for a 3-feature input.
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")
+    model = _model([matmul], [("x", [1, 3])], [("y", [1, 2])], [_init("w", [4, 2])])
     with pytest.raises(ModelError, match="shape inference"):
         model_cost(model)
+
+
+def test_a_declared_output_shape_inference_contradicts_is_read_as_unknown():
+    # Without padding the Conv gives [1, 2, 2, 2], not the declared [1, 2, 4, 4] (ONNX Runtime
+    # runs such a model, warning): the MACs are those of the shape the graph computes.
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    model = _model([conv], [("x", [1, 3, 4, 4])], [("y", [1, 2, 4, 4])], [_init("w", [2, 3, 3, 3])])
+    assert model_cost(model).macs == 2 * 2 * 2 * 3 * 3 * 3

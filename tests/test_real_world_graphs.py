@@ -323,3 +323,37 @@ def test_integer_linear_layers_refuse_a_budget_naming_them() -> None:
     with pytest.raises(UnsupportedGraphError, match="integer .quantized. ops, kept whole: "
                                                     "ConvInteger 'qconv'"):
         compress(model, data, flops=0.5, calib_samples=6, verify_samples=2, provider="cpu")
+
+
+def test_sessions_ignore_value_info_read_from_one_sample() -> None:
+    """r = Relu(x [N, W]) with value_info r: [1, 4] (a size read from one sample): ONNX Runtime
+    would fold Shape(r) into [1, 4] and fail on W = 6; open_session leaves value_info out, and
+    the model keeps it."""
+    from onnx_spectral.graph.sessions import open_session
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["r", "s"], ["y"], name="reshape")]
+    graph = helper.make_graph(
+        nodes, "sized", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "W"])],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = open_session(model, "cpu")
+    assert session.run(None, {"x": np.ones((1, 6), np.float32)})[0].shape == (1, 6)
+    assert [value.name for value in model.graph.value_info] == ["r"]
+
+
+def test_a_declared_output_shape_the_graph_contradicts_is_not_fatal() -> None:
+    """y is declared [N, 8] but the graph reshapes to [N, 2, 4] (ONNX Runtime ignores the
+    declaration, as ddddocr's OCR model relies on): normalize infers without it and keeps it."""
+    nodes = [helper.make_node("Reshape", ["x", "target"], ["y"], name="reshape")]
+    graph = helper.make_graph(
+        nodes, "contradicted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(np.array([0, 2, 4], np.int64), "target")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    normalized = normalize(model)
+    declared = normalized.graph.output[0].type.tensor_type.shape.dim
+    assert [dim.dim_param or dim.dim_value for dim in declared] == ["N", 8]
+    inferred = {value.name: value for value in normalized.graph.value_info}["y"]
+    assert len(inferred.type.tensor_type.shape.dim) == 3

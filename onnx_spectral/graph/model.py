@@ -162,7 +162,14 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         inferred = external_tensors.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
+        # A declared output shape that the graph contradicts (ddddocr's OCR model declares
+        # [1, seqlen] for a Reshape to rank 3; ONNX Runtime ignores it): infer without them.
+        for value in model.graph.output:
+            value.type.tensor_type.ClearField("shape")
+        try:
+            inferred = external_tensors.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception:
+            raise ModelError(f"ONNX shape inference fails on the model: {exc}") from exc
     for value, before in zip(inferred.graph.output, declared, strict=True):
         if value != before:
             inferred.graph.value_info.append(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import onnx
@@ -54,14 +56,35 @@ def set_session_threads(threads: int) -> None:
 
 
 def open_session(model: onnx.ModelProto, provider: Provider) -> ort.InferenceSession:
-    """An inference session on an in-memory model (written to a temporary file only past 2 GiB)."""
+    """An inference session on an in-memory model (written to a temporary file only past 2 GiB).
+
+    The session sees the model without its main graph's value_info: shapes read from one
+    calibration sample (`shapes.fill_missing_shapes`) are static where the model is not, and
+    ONNX Runtime would fold `Shape` nodes of them into constants that fail on other sizes.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = _threads
-    if external_tensors.is_large(model):  # past 2 GiB: through a temporary file with external data
-        options.add_session_config_entry("session.disable_prepacking", "1")  # no weight copy
-        with external_tensors.on_disk(model) as path:
-            return ort.InferenceSession(str(path), options,
-                                        providers=execution_providers(provider))
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=execution_providers(provider))
+    with _without_value_info(model):
+        if external_tensors.is_large(model):  # past 2 GiB: a temporary file with external data
+            options.add_session_config_entry("session.disable_prepacking", "1")  # no weight copy
+            with external_tensors.on_disk(model) as path:
+                return ort.InferenceSession(str(path), options,
+                                            providers=execution_providers(provider))
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=execution_providers(provider))
+
+
+@contextmanager
+def _without_value_info(model: onnx.ModelProto) -> Iterator[None]:
+    """`model` with its main graph's value_info taken out for the duration, then put back."""
+    kept = []
+    for value in model.graph.value_info:
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(value)
+        kept.append(copy)
+    del model.graph.value_info[:]
+    try:
+        yield
+    finally:
+        model.graph.value_info.extend(kept)
