@@ -22,6 +22,7 @@ import onnx
 from onnx_spectral.errors import DataError, OptionsError
 from onnx_spectral.graph.executor import Run, batch_samples
 from onnx_spectral.graph.executor import batching_problem as declared_batching_problem
+from onnx_spectral.graph.shapes import declared_dims
 
 FeedDict = dict[str, np.ndarray]
 """Model input name -> batch array of shape (n, *sample_shape); axis 0 is the sample axis."""
@@ -67,9 +68,7 @@ def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
             f"model input '{value.name}' has element type {tensor.elem_type}, which has no "
             "numpy equivalent"
         ) from exc
-    shape = tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
-                  for dim in tensor.shape.dim)
-    return InputSpec(value.name, dtype, shape)
+    return InputSpec(value.name, dtype, declared_dims(value))
 
 
 def batching_problem(inputs: Sequence[InputSpec]) -> str | None:

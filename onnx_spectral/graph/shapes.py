@@ -57,13 +57,17 @@ def _run(model: onnx.ModelProto, feeds: Feeds, tensors: Iterable[str] | None
     return dict(zip(names, (np.asarray(value) for value in results), strict=True))
 
 
+def declared_dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    """A tensor's declared dims, None for one left open (symbolic, unknown or negative)."""
+    return tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+                 for dim in value.type.tensor_type.shape.dim)
+
+
 def declared_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """The declared shape of each graph input that is not an initializer (None: a dim left
-    open); an input of unknown rank is left out."""
+    """The declared dims of each graph input that is not an initializer; an input of unknown
+    rank is left out."""
     initializers = {tensor.name for tensor in model.graph.initializer}
-    return {value.name: tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0
-                              else None for dim in value.type.tensor_type.shape.dim)
-            for value in model.graph.input
+    return {value.name: declared_dims(value) for value in model.graph.input
             if value.name not in initializers and value.type.tensor_type.HasField("shape")}
 
 

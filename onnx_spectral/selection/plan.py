@@ -116,7 +116,7 @@ class PlannedGroup:
         return None if self.spectrum is None else degrees_of_freedom(self.spectrum, self.rho)
 
 
-def lane_diagonal(matrix: np.ndarray, lanes: int) -> np.ndarray:
+def _lane_diagonal(matrix: np.ndarray, lanes: int) -> np.ndarray:
     """`matrix` [m, m] with the entries between different lanes (of m / lanes consecutive
     channels) set to zero: what a lane-by-lane reconstruction sees."""
     lane = np.arange(matrix.shape[0]) // (matrix.shape[0] // lanes)
@@ -125,7 +125,7 @@ def lane_diagonal(matrix: np.ndarray, lanes: int) -> np.ndarray:
 
 def _lane_local(moments: CrossMoments, lanes: int) -> CrossMoments:
     """Moments whose reconstruction `cross_reconstruction` is block-diagonal over the lanes."""
-    return CrossMoments(lane_diagonal(moments.second, lanes), lane_diagonal(moments.cross, lanes),
+    return CrossMoments(_lane_diagonal(moments.second, lanes), _lane_diagonal(moments.cross, lanes),
                         moments.mean_pruned, moments.mean_original)
 
 
@@ -145,7 +145,7 @@ def _problem(analysis: Analysis, tap: Tap, statistics: Statistics, options: Plan
         sigma = sigma[offset : offset + size, offset : offset + size]
         sink_gram = sink_gram[offset : offset + size, offset : offset + size]
     if lanes > 1:
-        sigma, sink_gram = lane_diagonal(sigma, lanes), lane_diagonal(sink_gram, lanes)
+        sigma, sink_gram = _lane_diagonal(sigma, lanes), _lane_diagonal(sink_gram, lanes)
     weight = loss_weight(sigma.shape[0], sink_gram, options.theta)
     return TapProblem(sigma, weight, default_ridge(sigma, options.rho))
 
