@@ -158,9 +158,6 @@ REGRESSIONS = (
     Regression("unknown_output_dim", unknown_height, {"ratio": 0.5}),
     Regression("shapeless_tap", shapeless_concat_se, {"flops": 0.75, "allocation": "uniform"}),
     Regression("reshape_symbolic_width", lambda: side_concat_gru("W"), {"ratio": 0.5},
-               "ops/layout.py: Reshape [0, 7, -1] of [N, 7, 6, 'W'] freezes group 'conv2' "
-               "(its shape has dynamic non-sample dimensions), while with W unknown (shapes "
-               "then come from the calibration run) or static it is followed and 'conv2' pruned",
                same_groups_as=lambda: side_concat_gru(5)),
     Regression("conv_lstm", conv_lstm, {"ratio": 0.5}),
     Regression("conv_gru_flops", lambda: conv_lstm("GRU"), {"flops": 0.5, "allocation": "dof"}),

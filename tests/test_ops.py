@@ -404,6 +404,39 @@ def test_reshape_target_is_rewritten_for_the_kept_channels() -> None:
     np.testing.assert_array_equal(target, [-1, KEPT * HEAD_SIZE * HEAD_SIZE])
 
 
+def _reshape_to_1d_conv(middle: tuple[int, ...]) -> onnx.ModelProto:
+    """x [N,3,6,'W'] -> Conv 'conv1' (C) -> Reshape 'flat' `middle` -> 1-D Conv 'conv2' (5,
+    kernel 3) -> y [N, 5, L]."""
+    b = graphs.GraphBuilder(0)
+    t = b.conv("x", "conv1", 3, CHANNELS)
+    flat = b.node("Reshape", [t, b.const("middle", np.array(middle, np.int64))], "flat")
+    b.node("Conv", [flat, b.random("conv2_w", (5, CHANNELS, 3), fan_in=3 * CHANNELS)], "conv2",
+           pads=[1, 1])
+    return b.model([("x", ["N", 3, 6, "W"])], [("conv2", ["N", 5, None])])
+
+
+def test_reshape_with_a_symbolic_width_is_followed_when_channels_stay_on_one_axis() -> None:
+    """[N, C, 6, W] -> [N, C, 6*W] keeps the channels on axis 1 whatever W is: conv1 prunes
+    without calibration data to tell W, and the compressed model runs at any width."""
+    model = _reshape_to_1d_conv((0, CHANNELS, -1))
+    assert not _by_producer(analyze(model).groups)["conv1"].frozen
+    data = {"x": np.random.default_rng(1).standard_normal((CALIB + VERIFY, 3, 6, 5),
+                                                          dtype=np.float32)}
+    compressed, _ = compress(model, data, ratio=0.5, **FAST)
+    assert _constant(compressed, "conv1", 1).shape[0] == KEPT
+    np.testing.assert_array_equal(_constant(compressed, "flat", 1), [0, KEPT, -1])
+    for width in (2, 9):
+        x = np.ones((1, 3, 6, width), np.float32)
+        assert _run(compressed, {"x": x})["conv2"].shape == (1, 5, 6 * width)
+
+
+def test_reshape_with_a_symbolic_width_that_mixes_channels_with_it_freezes() -> None:
+    """[N, C, 6, W] -> [N, C*W, 6]: where each channel's elements land depends on W."""
+    groups = _by_producer(analyze(_reshape_to_1d_conv((0, -1, 6))).groups)
+    assert any("Reshape 'flat'" in reason and "dynamic non-sample dimensions" in reason
+               for reason in groups["conv1"].frozen)
+
+
 def test_transposed_head_folds_the_strided_feature_blocks() -> None:
     """CREPE-like head, permute(0, 2, 1, 3).reshape(N, -1): channel c owns the strided features
     h*C*W + c*W + w. With the reconstruction switched off (L1 baseline), fc's weight must be the

@@ -10,6 +10,7 @@ order, the tensor is `Plain` again; otherwise it stays `Mapped` and only a flatt
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -33,15 +34,22 @@ IndexArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 SAMPLES_FOR_INDEX = 2
 """Samples put on a dynamic sample axis while simulating, so that mixing samples shows."""
 
+DYNAMIC_SIZES = (3, 5)
+"""Sizes put on dynamic non-sample axes (a symbolic height or width): the layout is simulated
+at each, and followed only when both give the channels on the same single axis, so that
+nothing downstream depends on the size picked."""
+
 
 class LayoutError(ValueError):
     """The layout op cannot be followed (message says why)."""
 
 
-def index_arrays(shape: Sequence[Dim], axis: int, channels: np.ndarray) -> IndexArrays:
-    """Index arrays of a Plain tensor of `shape` whose axis `axis` holds `channels` ([C])."""
+def index_arrays(shape: Sequence[Dim], axis: int, channels: np.ndarray,
+                 dynamic_size: int | None = None) -> IndexArrays:
+    """Index arrays of a Plain tensor of `shape` whose axis `axis` holds `channels` ([C]);
+    dynamic non-sample dimensions take `dynamic_size` (LayoutError when it is None)."""
     samples = shape[0] if shape[0] is not None else SAMPLES_FOR_INDEX
-    dims = [samples, *shape[1:]]
+    dims = [samples, *(dynamic_size if d is None else d for d in shape[1:])]
     dims[axis] = channels.size
     if any(d is None for d in dims):
         raise LayoutError(f"its shape {tuple(shape)} has dynamic non-sample dimensions")
@@ -269,6 +277,20 @@ def sink_feature_map(state: Mapped, sink_name: str) -> FeatureMap:
     return FeatureMap(state.chain, feature_channel, feature_position)
 
 
+class _Followed(NamedTuple):
+    """A layout node's output as simulated at one size of the dynamic axes."""
+
+    arrays: IndexArrays
+    source: str
+    source_axis: int
+    chain: tuple[str, ...]
+    channels: int
+    entry: int | None
+    """Target-shape entry of a Reshape to rewrite with the channel count (None: none)."""
+    axis: int | None
+    """Axis holding the channels in order at the output, None when they are scattered."""
+
+
 class LayoutHandler(NoWeights):
     """Flatten, Reshape, Transpose, Squeeze and Unsqueeze."""
 
@@ -282,32 +304,56 @@ class LayoutHandler(NoWeights):
         try:
             _check_computed_target(graph, node)
             values = layout_inputs(graph, node, graph.input_constant)
-            arrays, source, source_axis, chain = self._start(state, node, graph)
-            channels = int(arrays[0].max()) + 1
-            arrays_out = apply_layout(node, arrays, values)
-            if node.op_type == "Reshape":
-                assert values[1] is not None
-                entry = scaled_shape_entry(node, arrays_out, values[1], channels)
-                if entry is not None and graph.constant(node.input[1]) is None:
-                    raise LayoutError("the channel count is part of a computed target shape")
-                if entry is not None:
-                    ctx.add_member(state.group, Member(node.name, Role.LAYOUT, entry))
+            outcomes = [self._follow(state, node, graph, values, size)
+                        for size in self._dynamic_sizes(state, node, graph)]
+            followed = outcomes[0]
+            if len(outcomes) > 1 and (followed.axis is None or any(
+                    (other.axis, other.entry) != (followed.axis, followed.entry)
+                    for other in outcomes[1:])):
+                shape = graph.static_shape(node.input[0], node.name)
+                raise LayoutError(f"its shape {tuple(shape)} has dynamic non-sample dimensions "
+                                  "and the channels do not stay on one axis whatever their sizes")
+            if followed.entry is not None:
+                ctx.add_member(state.group, Member(node.name, Role.LAYOUT, followed.entry))
         except LayoutError as exc:
             ctx.freeze(state.group, f"{node.op_type} '{node.name}' moves the channel axis in a "
                                     f"way that cannot be followed: {exc}")
             return
-        output = node.output[0]
-        axis = plain_axis(arrays_out, np.arange(channels))
         new_state: ChannelState
-        if axis is not None:
-            new_state = Plain(state.group, axis, arrays_out[0].ndim)
+        if followed.axis is not None:
+            new_state = Plain(state.group, followed.axis, followed.arrays[0].ndim)
         else:
-            new_state = Mapped(state.group, source, source_axis, (*chain, node.name), *arrays_out)
-        ctx.set_state(output, new_state)
+            new_state = Mapped(state.group, followed.source, followed.source_axis,
+                               (*followed.chain, node.name), *followed.arrays)
+        ctx.set_state(node.output[0], new_state)
 
     @staticmethod
-    def _start(state: ChannelState, node: onnx.NodeProto, graph: GraphIndex
-               ) -> tuple[IndexArrays, str, int, tuple[str, ...]]:
+    def _dynamic_sizes(state: ChannelState, node: onnx.NodeProto, graph: GraphIndex
+                       ) -> tuple[int | None, ...]:
+        """Sizes to simulate dynamic non-sample axes at: none when the shape is static."""
+        if isinstance(state, Mapped):
+            return (None,)
+        shape = graph.static_shape(node.input[0], node.name)
+        dynamic = any(d is None for i, d in enumerate(shape) if i not in (0, state.axis))
+        return DYNAMIC_SIZES if dynamic else (None,)
+
+    def _follow(self, state: ChannelState, node: onnx.NodeProto, graph: GraphIndex,
+                values: Sequence[np.ndarray | None], dynamic_size: int | None) -> _Followed:
+        arrays, source, source_axis, chain = self._start(state, node, graph, dynamic_size)
+        channels = int(arrays[0].max()) + 1
+        arrays_out = apply_layout(node, arrays, values)
+        entry = None
+        if node.op_type == "Reshape":
+            assert values[1] is not None
+            entry = scaled_shape_entry(node, arrays_out, values[1], channels)
+            if entry is not None and graph.constant(node.input[1]) is None:
+                raise LayoutError("the channel count is part of a computed target shape")
+        return _Followed(arrays_out, source, source_axis, chain, channels, entry,
+                         plain_axis(arrays_out, np.arange(channels)))
+
+    @staticmethod
+    def _start(state: ChannelState, node: onnx.NodeProto, graph: GraphIndex,
+               dynamic_size: int | None) -> tuple[IndexArrays, str, int, tuple[str, ...]]:
         if isinstance(state, Mapped):
             return ((state.channel, state.position, state.sample), state.source,
                     state.source_axis, state.chain)
@@ -316,7 +362,8 @@ class LayoutHandler(NoWeights):
         channels = shape[state.axis]
         if channels is None:
             raise LayoutError("its channel count is not static")
-        return index_arrays(shape, state.axis, np.arange(channels)), tensor, state.axis, ()
+        return (index_arrays(shape, state.axis, np.arange(channels), dynamic_size), tensor,
+                state.axis, ())
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
