@@ -20,7 +20,7 @@ from warnings import catch_warnings, simplefilter
 
 import onnx
 
-from onnx_spectral.analysis import Analysis, Tap, analyze
+from onnx_spectral.analysis import Analysis, analyze
 from onnx_spectral.calibration.batches import after, skip, teed
 from onnx_spectral.calibration.collect import (
     BatchRunError,
@@ -45,21 +45,20 @@ from onnx_spectral.calibration.stats_files import (
     SavedStatistics,
     Shard,
     TapKey,
-    load_statistics,
     model_fingerprint,
+    saved_for_model,
 )
 from onnx_spectral.calibration.tap_cost import gram_strides
-from onnx_spectral.correction.compensate import CACHE_BYTES as COMPENSATION_CACHE_BYTES
-from onnx_spectral.correction.compensate import compensated_plans, later_taps
-from onnx_spectral.correction.cross_run import ORIGINAL_ACTIVATIONS
+from onnx_spectral.correction.compensate import compensated_plans, originals_to_keep
 from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.dequantize import dequantize_qdq
 from onnx_spectral.graph.executor import Executor, LocalExecutor
 from onnx_spectral.graph.model import initializer_inputs_note, load_model, stamp
 from onnx_spectral.options import CompressOptions, with_overrides
-from onnx_spectral.quantize import model_bytes, quantize_int8, quantize_problem
+from onnx_spectral.quantize import Quantize, model_bytes, quantize_int8, quantize_problem
 from onnx_spectral.report import Report, group_reports
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
@@ -77,6 +76,9 @@ class Prepared:
     statistics to select from instead of calibrating. `batch`: samples per ONNX Runtime run.
     `cost`: the model's size and MACs at the shape it runs at (`deployment_inputs`).
     `notes`: what the loading did; `warnings`: what the user should act on.
+    `original`: the model pruned; `given`: the model as the user gave it, which the outputs are
+    compared with (they differ for a QDQ-quantized model, pruned as its float model);
+    `quantize`: options.quantize with "auto" decided.
     """
 
     original: onnx.ModelProto
@@ -87,6 +89,8 @@ class Prepared:
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
     cost: ModelCost
+    given: onnx.ModelProto
+    quantize: Quantize
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         original = load_model(model)
     with clock("analyze"):
         prepared = prepare(original, calibration_data, options, statistics)
+        options = replace(options, quantize=prepared.quantize)
         costs = budget_costs(prepared.analysis, prepared.cost, options.plan_options(),
                              options.require_prunable)
     corrections = decide_corrections(prepared, options)
@@ -166,8 +171,9 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
         with clock("calibrate"):
             calibrated = shared_statistics(prepared, options,
                                            corrections.need_batches or options.quantize != "none",
-                                           executor, _originals_to_keep(prepared, options,
-                                                                        corrections))
+                                           executor, originals_to_keep(
+                                               prepared.analysis, corrections.compensate,
+                                               options.compensation_samples))
         with clock("select"):
             planned = plan(prepared, calibrated, options, corrections, costs, executor)
         with clock("rewrite"):
@@ -209,14 +215,18 @@ def open_executor(options: CompressOptions) -> Executor:
                        progress=options.progress)
 
 
-def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
+def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
             options: CompressOptions, statistics: SavedStatistics | str | Path | None = None
             ) -> Prepared:
-    """Analyze `original` and open its data (and saved statistics, checked against it).
+    """Analyze `given` (a QDQ-quantized model as its float model) and open its data (and saved
+    statistics, checked against it).
 
     Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
     budget, `budget_costs` does); OptionsError when `quantize` cannot apply.
     """
+    original, dequantized = dequantize_qdq(given)
+    quantize_mode = (options.quantize if options.quantize != "auto"
+                     else "int8" if dequantized is not None else "none")
     specs = model_input_specs(original)  # initializers listed as inputs are not data
     with catch_warnings(record=True) as caught:
         simplefilter("always")
@@ -228,21 +238,24 @@ def prepare(original: onnx.ModelProto, calibration_data: DataSource | None,
     if options.require_prunable and not analysis.prunable \
             and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
         raise UnsupportedGraphError(nothing_prunable(analysis))
-    saved = None if statistics is None else _saved_for(statistics, original, analysis.taps)
+    saved = None if statistics is None else saved_for_model(statistics, given, analysis.taps)
     warnings = [str(warning.message) for warning in caught]
     notes = tuple(note for note in (initializer_inputs_note(original, options.initializer_inputs),
-                                    None if stream is None else runs_note(specs)) if note)
+                                    None if stream is None else runs_note(specs),
+                                    dequantized and dequantized.note(quantize_mode)) if note)
     if saved is not None:
         warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
-    if options.quantize != "none":
+    if quantize_mode != "none":
         problem = quantize_problem(original, options.quantize_exclude) or (
             None if saved is None else "--quantize needs calibration batches, not saved "
-            "statistics (--stats)")
+            "statistics (--stats)" + (" (the input model is QDQ-quantized: --quantize none "
+                                      "writes it in float)" if dequantized else ""))
         if problem is not None:
             raise OptionsError(problem)
     batch = fixed_batch_size(specs) or options.batch_size
     cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
-    return Prepared(original, analysis, stream, saved, batch, notes, tuple(warnings), cost)
+    return Prepared(original, analysis, stream, saved, batch, notes, tuple(warnings), cost,
+                    given, quantize_mode)
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
@@ -321,17 +334,6 @@ def plan(prepared: Prepared, calibrated: Calibrated, options: CompressOptions,
     return plan_groups(prepared.analysis, calibrated.statistics, plan_options, costs)
 
 
-def _originals_to_keep(prepared: Prepared, options: CompressOptions,
-                       corrections: Corrections) -> KeptActivations | None:
-    """The original model's activations the compensation passes read, kept by calibration's
-    own pass over the first batches (rather than one more pass)."""
-    later = later_taps(prepared.analysis) if corrections.compensate else []
-    if not later:
-        return None
-    return KeptActivations(tuple(tap.tensor for tap in later), options.compensation_samples,
-                           ORIGINAL_ACTIVATIONS, COMPENSATION_CACHE_BYTES)
-
-
 def rewrite_model(prepared: Prepared, planned: Sequence[PlannedGroup]) -> onnx.ModelProto:
     """The model with the planned channels deleted and the reconstructions folded in."""
     return rewrite(prepared.analysis, [item.plan for item in planned])
@@ -355,7 +357,7 @@ def quantize(compressed: onnx.ModelProto, calibrated: Calibrated, options: Compr
              ) -> onnx.ModelProto:
     """The model to write: `compressed` quantized as `options.quantize` asks, calibrated on the
     first calibration batches (`compressed` itself for "none")."""
-    if options.quantize == "none":
+    if options.quantize != "int8":  # "auto" is decided by `prepare`
         return compressed
     return quantize_int8(compressed, calibrated.first_batches, method=options.quantize_method,
                          fmt=options.quantize_format, per_channel=options.quantize_per_channel,
@@ -367,7 +369,7 @@ def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrat
            float_model: onnx.ModelProto | None = None, executor: Executor | None = None
            ) -> Verified:
     """`verify_on_held_out` with this run's models, held-out batches and workers."""
-    return verify_on_held_out(prepared.original, compressed, calibrated.instrumented,
+    return verify_on_held_out(prepared.given, compressed, calibrated.instrumented,
                               calibrated.held_out, [item.plan for item in planned],
                               options.provider, executor or LocalExecutor(options.progress),
                               float_model)
@@ -438,13 +440,3 @@ def _instrumented(prepared: Prepared, options: CompressOptions) -> Instrumented:
     return instrument(analysis.graph, analysis.taps,
                       gram_strides(analysis.graph, analysis.taps, options.gram_budget,
                                    options.calib_samples, prepared.cost))
-
-
-def _saved_for(statistics: SavedStatistics | str | Path, original: onnx.ModelProto,
-               taps: Sequence[Tap]) -> SavedStatistics:
-    """Load saved statistics if given by path; refuse them unless made from `original`."""
-    saved = (statistics if isinstance(statistics, SavedStatistics)
-             else load_statistics(statistics))
-    where = "given" if isinstance(statistics, SavedStatistics) else str(statistics)
-    saved.check_model(model_fingerprint(original), taps, where)
-    return saved

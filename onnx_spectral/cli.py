@@ -42,6 +42,7 @@ from onnx_spectral.errors import (
     UnsupportedGraphError,
 )
 from onnx_spectral.graph import atomic
+from onnx_spectral.graph.dequantize import dequantize_qdq
 from onnx_spectral.graph.model import load_model
 from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
 from onnx_spectral.plots import require_matplotlib, write_plots
@@ -282,7 +283,7 @@ def _check_writable(path: Path) -> None:
 def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _analyze_parser().parse_args(argv)
     model = load_model(args.input)
-    analysis = analyze(model, args.exclude)
+    analysis = analyze(dequantize_qdq(model)[0], args.exclude)  # the groups compress prunes
     options = _options(args)
     shapes = dict(options.input_shape)
     if "" in shapes:  # a shape without a name: the single input's

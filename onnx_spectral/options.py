@@ -232,10 +232,12 @@ class CompressOptions:
     refit_features: int = option(MAX_FEATURES, "layers with more input features (channels x "
                                  "kernel) are not refitted: the fit costs rows x features^2",
                                  check=at_least(1))
-    quantize: Quantize = option("none", "then quantize the model written: int8 (ONNX Runtime's "
+    quantize: Quantize = option("auto", "then quantize the model written: int8 (ONNX Runtime's "
                                 "quantize_static; uint8 activations calibrated on the "
                                 "calibration data, int8 weights); the report compares both "
-                                "the float and the int8 model with the original")
+                                "the float and the int8 model with the original. auto: int8 "
+                                "when the input model is QDQ-quantized (pruned as its float "
+                                "model), else none")
     quantize_method: QuantizeMethod = option("minmax", "how --quantize calibrates activation "
                                              "ranges")
     quantize_format: QuantizeFormat = option("qdq", "--quantize writes QuantizeLinear/"

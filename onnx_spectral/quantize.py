@@ -34,7 +34,9 @@ from onnx_spectral.errors import OptionsError, RewriteError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.executor import batch_samples, sample_range
 
-Quantize = Literal["none", "int8"]
+Quantize = Literal["auto", "none", "int8"]
+"""How the model written is quantized; "auto": int8 when the input model is QDQ-quantized
+(`graph.dequantize`), else none."""
 QuantizeMethod = Literal["minmax", "entropy", "percentile"]
 QuantizeFormat = Literal["qdq", "qoperator"]
 

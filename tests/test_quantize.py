@@ -108,7 +108,7 @@ def test_quantize_refusals_come_before_calibration(tmp_path: Path) -> None:
                                            "nope"):
         compress(graphs.residual_block(), _data(), quantize="int8", quantize_exclude=("nope",),
                  **FAST)
-    with pytest.raises(OptionsError, match="accepted: none, int8"):
+    with pytest.raises(OptionsError, match="accepted: auto, none, int8"):
         compress(graphs.residual_block(), _data(), quantize="int4", **FAST)
     saved = calibrate_statistics(graphs.residual_block(), _data(), **FAST)
     with pytest.raises(OptionsError, match="--quantize needs calibration batches"):

@@ -206,3 +206,14 @@ def merge_statistics(parts: Sequence[SavedStatistics], names: Sequence[str]) -> 
     shards = tuple(sorted(seen, key=lambda shard: shard.index))
     return SavedStatistics(Statistics(taps, samples), first.model_sha256, first.taps,
                            first.calib_samples, shards)
+
+
+def saved_for_model(statistics: SavedStatistics | str | Path, model: onnx.ModelProto,
+                    taps: Sequence[Tap]) -> SavedStatistics:
+    """Load saved statistics if given by path; StatisticsError unless made from `model` with
+    `taps`."""
+    saved = (statistics if isinstance(statistics, SavedStatistics)
+             else load_statistics(statistics))
+    where = "given" if isinstance(statistics, SavedStatistics) else str(statistics)
+    saved.check_model(model_fingerprint(model), taps, where)
+    return saved

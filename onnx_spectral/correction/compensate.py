@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from onnx_spectral.analysis import Analysis, Tap
-from onnx_spectral.calibration.collect import Statistics
+from onnx_spectral.calibration.collect import KeptActivations, Statistics
 from onnx_spectral.calibration.sources import FeedDict
 from onnx_spectral.correction.cross_run import (
     ORIGINAL_ACTIVATIONS,
@@ -30,6 +30,18 @@ from onnx_spectral.selection.plan import PlannedGroup, PlanOptions, allocate_wid
 
 #: A worker's share of the original model's tap activations kept for the compensation passes.
 CACHE_BYTES = 1 << 30
+
+
+def originals_to_keep(analysis: Analysis, compensate: bool, samples: int
+                      ) -> KeptActivations | None:
+    """The original model's activations the compensation passes read (on their first
+    `samples` samples), for calibration's own pass over the first batches to keep rather than
+    one more pass; None without compensation or later taps."""
+    later = later_taps(analysis) if compensate else []
+    if not later:
+        return None
+    return KeptActivations(tuple(tap.tensor for tap in later), samples, ORIGINAL_ACTIVATIONS,
+                           CACHE_BYTES)
 
 
 def later_taps(analysis: Analysis) -> list[Tap]:

@@ -1,0 +1,115 @@
+"""QDQ-quantized input models: pruned as their float model, then quantized again.
+
+The QDQ models here are made the way users make theirs, by ONNX Runtime's `quantize_static`
+(through `onnx_spectral.quantize.quantize_int8`), from the tiny float graphs of tests/graphs.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnx_spectral import compress
+from onnx_spectral.analysis import analyze
+from onnx_spectral.graph.dequantize import dequantize_qdq
+from onnx_spectral.quantize import quantize_int8
+from tests.graphs import GraphBuilder, conv_sandwich, unary
+
+FAST = {"provider": "cpu", "calib_samples": 48, "verify_samples": 16, "batch_size": 16}
+
+
+def _x(samples: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((samples, 3, 8, 8)).astype(np.float32)}
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+@pytest.fixture(scope="module")
+def float_and_qdq() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """conv1 -> Relu -> conv2 in float, and quantized by ONNX Runtime (per-channel int8
+    weights, uint8 activations: the quantizer drops the Relu, whose range the pair clips to)."""
+    model = conv_sandwich(unary("Relu"))
+    return model, quantize_int8(model, [_x(32, seed=5)])
+
+
+def test_qdq_model_dequantizes_to_its_float_model(
+        float_and_qdq: tuple[onnx.ModelProto, onnx.ModelProto]) -> None:
+    model, qdq = float_and_qdq
+    assert "Relu" not in _ops(qdq)
+    dequantized, found = dequantize_qdq(qdq)
+    assert found is not None and found.per_channel
+    assert found.weights == 4 and found.activations == _ops(qdq)["DequantizeLinear"] - 4
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(_ops(dequantized))
+    onnx.checker.check_model(dequantized, full_check=True)
+    feeds = _x(8, seed=1)
+    reference, got = _run(model, feeds), _run(dequantized, feeds)
+    # the weights carry their int8 rounding, the activations no rounding: close to the float
+    # model, and exactly as non-negative after conv1 as the Relu made it
+    assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_activation_pair_becomes_the_clip_it_applies() -> None:
+    """uint8 with zero point 10 and scale 0.1 holds [-1.0, 24.5]: the float model clips there."""
+    b = GraphBuilder(seed=2, opset=13)
+    scale, zero = b.const("a_scale", np.float32(0.1)), b.const("a_zero", np.uint8(10))
+    t = b.conv("x", "conv1", 3, 4)
+    t = b.node("DequantizeLinear", [b.node("QuantizeLinear", [t, scale, zero], "q"), scale, zero],
+               "dq")
+    weight = b.const("w_q", np.full((2, 4, 3, 3), 3, np.int8))
+    t = b.node("Conv", [t, b.node("DequantizeLinear", [weight, b.const("w_scale", np.float32(0.5))],
+                                  "dq_w")], "conv2", kernel_shape=[3, 3], pads=[1] * 4)
+    model = b.model([("x", ["N", 3, 8, 8])], [("conv2", ["N", 2, 8, 8])])
+    dequantized, found = dequantize_qdq(model)
+    assert found is not None and (found.weights, found.activations) == (1, 1)
+    clip = next(node for node in dequantized.graph.node if node.op_type == "Clip")
+    bounds = {init.name: onnx.numpy_helper.to_array(init) for init in
+              dequantized.graph.initializer}
+    assert (bounds[clip.input[1]], bounds[clip.input[2]]) == (np.float32(-1.0), np.float32(24.5))
+    feeds = {"x": 40 * _x(4)["x"]}
+    np.testing.assert_allclose(_run(dequantized, feeds), _run(model, feeds), atol=0.05 * 1.5 * 36)
+
+
+def test_weight_only_quantization_is_left_as_it_is() -> None:
+    """quantize_static would also quantize the activations: such a model keeps its quantized
+    layers whole, and says so."""
+    b = GraphBuilder(seed=3, opset=13)
+    weight = b.const("w_q", np.ones((4, 3, 3, 3), np.int8))
+    t = b.node("Conv", ["x", b.node("DequantizeLinear", [weight, b.const("s", np.float32(0.1))],
+                                    "dq_w")], "conv1", kernel_shape=[3, 3], pads=[1] * 4)
+    b.conv(t, "conv2", 4, 2)
+    weight_only = b.model([("x", ["N", 3, 8, 8])], [("conv2", ["N", 2, 8, 8])])
+    assert dequantize_qdq(weight_only) == (weight_only, None)
+    assert any("is quantized: DequantizeLinear node 'dq_w'" in reason
+               for reason in analyze(weight_only).kept_layers)
+
+
+def test_qdq_model_is_pruned_and_quantized_again(
+        float_and_qdq: tuple[onnx.ModelProto, onnx.ModelProto]) -> None:
+    _, qdq = float_and_qdq
+    assert all(group.frozen for group in analyze(qdq).groups)  # quantized, as it comes
+    compressed, report = compress(qdq, _x(), ratio=0.5, **FAST)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(_ops(compressed))
+    assert report.options["quantize"] == "int8" and "int8" in report.sizes
+    assert report.cost_after.macs < 0.75 * report.cost_before.macs
+    assert any("QDQ-quantized" in note and "quantized again to int8" in note
+               for note in report.notes)
+    assert report.verification is not None and report.float_verification is not None
+    feeds = _x(8, seed=3)
+    assert _run(compressed, feeds).shape == _run(qdq, feeds).shape
+
+    floating, report = compress(qdq, _x(), ratio=0.5, quantize="none", **FAST)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(_ops(floating))
+    assert any("written in float (--quantize none)" in note for note in report.notes)
