@@ -10,9 +10,8 @@ through the same steps, under the same rules (Gram budget, which corrections app
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,10 +55,11 @@ from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.dequantize import dequantize_qdq
 from onnx_spectral.graph.executor import Executor, LocalExecutor
+from onnx_spectral.graph.if_branch import TakenBranch, take_branch
 from onnx_spectral.graph.model import initializer_inputs_note, load_model, stamp
 from onnx_spectral.options import CompressOptions, with_overrides
 from onnx_spectral.quantize import Quantize, model_bytes, quantize_int8, quantize_problem
-from onnx_spectral.report import Report, group_reports
+from onnx_spectral.report import Report, StageClock, group_reports
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
 from onnx_spectral.selection.group_cost import GroupCosts
@@ -78,7 +78,8 @@ class Prepared:
     `notes`: what the loading did; `warnings`: what the user should act on.
     `original`: the model pruned; `given`: the model as the user gave it, which the outputs are
     compared with (they differ for a QDQ-quantized model, pruned as its float model);
-    `quantize`: options.quantize with "auto" decided.
+    `quantize`: options.quantize with "auto" decided. `taken`: the If branch `original` is,
+    for a model whose layers are all inside one If (`graph.if_branch`).
     """
 
     original: onnx.ModelProto
@@ -91,6 +92,11 @@ class Prepared:
     cost: ModelCost
     given: onnx.ModelProto
     quantize: Quantize
+    taken: TakenBranch | None
+
+    def outer(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
+        """A pruned `original` as the model to write: back inside its If when `taken`."""
+        return pruned if self.taken is None else self.taken.rewrap(pruned)
 
 
 @dataclass(frozen=True)
@@ -124,17 +130,6 @@ class Calibrated:
     warnings: tuple[str, ...]
 
 
-class _StageClock:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
 def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource | None,
              options: CompressOptions | None = None, *,
              statistics: SavedStatistics | str | Path | None = None, **overrides: Any
@@ -156,7 +151,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     options = with_overrides(options, overrides)
     if calibration_data is None and statistics is None:
         raise OptionsError("give calibration_data, or saved statistics (statistics=)")
-    clock = _StageClock()
+    clock = StageClock()
     with clock("load"):
         original = load_model(model)
     with clock("analyze"):
@@ -183,23 +178,24 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
                                                    options, corrections, executor)
         stamp(compressed, original, str(options.summary()))
         with clock("quantize") if options.quantize != "none" else nullcontext():
-            written = quantize(compressed, calibrated, options)
+            quantized = quantize(compressed, calibrated, options)
+        written = prepared.outer(quantized)
         stamp(written, original, str(options.summary()))
         with clock("verify"):
             verified = verify(prepared, written, calibrated, planned, options,
-                              float_model=None if written is compressed else compressed,
-                              executor=executor)
+                              float_model=None if quantized is compressed
+                              else prepared.outer(compressed), executor=executor)
     finally:
         executor.close()
     cost_before = prepared.cost
     notes = (*prepared.notes, *corrections.notes, *correction_notes)
     warnings = (*prepared.warnings, *calibrated.warnings)
-    cost_after = model_cost(written, cost_before.input_shapes)
-    if written is not compressed:  # the weights are integers now: count them as before
+    cost_after = model_cost(quantized, cost_before.input_shapes)
+    if quantized is not compressed:  # the weights are integers now: count them as before
         cost_after = replace(cost_after, params=model_cost(compressed, None).params)
     check_budget_met(cost_before, cost_after, options.flops, options.params)
     sizes = {"original": model_bytes(original), "compressed": model_bytes(compressed)}
-    if written is not compressed:
+    if quantized is not compressed:
         sizes[options.quantize] = model_bytes(written)
     report = build_report(prepared, calibrated, planned, verified, cost_before,
                           cost_after, options, clock.seconds, notes, warnings, sizes)
@@ -233,6 +229,7 @@ def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
         stream = (None if calibration_data is None
                   else open_calibration(calibration_data, specs, preprocess=options.preprocess,
                                         seed=options.seed))
+    original, taken = take_branch(original, stream.peek) if stream else (original, None)
     analysis = analyze(original, options.exclude, initializer_inputs=options.initializer_inputs,
                        shape_feeds=None if stream is None else stream.peek)
     if options.require_prunable and not analysis.prunable \
@@ -242,7 +239,8 @@ def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
     warnings = [str(warning.message) for warning in caught]
     notes = tuple(note for note in (initializer_inputs_note(original, options.initializer_inputs),
                                     None if stream is None else runs_note(specs),
-                                    dequantized and dequantized.note(quantize_mode)) if note)
+                                    dequantized and dequantized.note(quantize_mode),
+                                    taken and taken.note()) if note)
     if saved is not None:
         warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
     if quantize_mode != "none":
@@ -255,7 +253,7 @@ def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
     batch = fixed_batch_size(specs) or options.batch_size
     cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
     return Prepared(original, analysis, stream, saved, batch, notes, tuple(warnings), cost,
-                    given, quantize_mode)
+                    given, quantize_mode, taken)
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:

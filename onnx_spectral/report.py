@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -257,3 +259,16 @@ def _macs_shape(cost: ModelCost) -> dict[str, Any]:
     return {"input_shapes": None if cost.input_shapes is None
             else {name: list(shape) for name, shape in cost.input_shapes.items()},
             "uncounted": list(cost.uncounted)}
+
+
+class StageClock:
+    """Seconds spent in each stage of a run (`with clock("calibrate"): ...`), for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

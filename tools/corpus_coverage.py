@@ -153,13 +153,15 @@ def _fidelity(loaded: Loaded, changed: onnx.ModelProto) -> tuple[float, str]:
 
 def _groups(model: onnx.ModelProto, feeds: Feeds, side: Side) -> None:
     """Set the (prunable, frozen) group counts and the frozen reasons by count of `side` from
-    `analyze` (shapes it cannot infer from `feeds`, as compress does); an analysis that fails
+    `analyze` (of the float model of a QDQ model, shapes it cannot infer from `feeds`, as
+    compress does); an analysis that fails
     is noted in `side.analysis_error` (and its traceback kept unless it is a SpectralError)."""
     from onnx_spectral.analysis import analyze
     from onnx_spectral.errors import SpectralError
+    from onnx_spectral.graph.dequantize import dequantize_qdq
 
     try:
-        analysis = analyze(model, shape_feeds=feeds)
+        analysis = analyze(dequantize_qdq(model)[0], shape_feeds=feeds)
     except SpectralError as error:
         side.analysis_error = first_line(error)
         return

@@ -52,8 +52,8 @@ def _run(model: onnx.ModelProto, feeds: Feeds, tensors: Iterable[str] | None
         session = open_session(probe, "cpu")
         results = session.run(names, dict(feeds))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-        raise DataError(f"ONNX Runtime cannot run the model on the calibration sample to read "
-                        f"the shapes shape inference cannot tell: {exc}") from exc
+        raise DataError(f"ONNX Runtime cannot run the model on the first calibration sample "
+                        f"(to read tensors {names[:3]}): {exc}") from exc
     return dict(zip(names, (np.asarray(value) for value in results), strict=True))
 
 
@@ -110,12 +110,8 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
     missing = missing_shapes(model)
     if not missing:
         return ()
-    if isinstance(feeds, Run) or batching_problem(declared_input_shapes(model)) is not None:
-        # a run: no sample axis to take one sample from or to double; sizes read as they are
-        single, doubled = dict(feeds), None
-    else:
-        single = {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}
-        doubled = _doubled(model, single)
+    single = first_sample(model, feeds)
+    doubled = None if single is feeds else _doubled(model, single)
     observed = _run(model, single, missing)
     twice = observed_shapes(model, doubled, missing) if doubled is not None else {}
     known = {value.name: value for value in model.graph.value_info}
@@ -129,6 +125,20 @@ def fill_missing_shapes(model: onnx.ModelProto, feeds: Feeds) -> tuple[str, ...]
         else:
             model.graph.value_info.append(filled)
     return missing
+
+
+def first_sample(model: onnx.ModelProto, feeds: Feeds) -> Feeds:
+    """The first sample of each batched feed ([1, ...]); `feeds` itself when it is a run (no
+    sample axis to take one sample from: see `graph.executor.Run`)."""
+    if isinstance(feeds, Run) or batching_problem(declared_input_shapes(model)) is not None:
+        return feeds
+    return {name: _first_sample(np.asarray(value)) for name, value in feeds.items()}
+
+
+def tensor_values(model: onnx.ModelProto, feeds: Feeds, tensors: Iterable[str]
+                  ) -> dict[str, np.ndarray]:
+    """Values of main-graph `tensors` in one ONNX Runtime run of `model` on `feeds` (CPU)."""
+    return _run(model, feeds, tensors)
 
 
 def _first_sample(value: np.ndarray) -> np.ndarray:
