@@ -202,7 +202,12 @@ def count_macs(model: onnx.ModelProto, feeds: Feeds) -> int:
     on `feeds` (whole batch): Conv, ConvTranspose, Gemm and MatMul, their integer forms
     (ConvInteger, MatMulInteger), ONNX Runtime's fusions of them (com.microsoft FusedConv,
     FusedGemm, FusedMatMul) and its fused self-attention (com.microsoft Attention: the QKV
-    projection b*s*hidden*3C plus scores and context 2*b*s*s*C); other ops count zero."""
+    projection b*s*hidden*3C plus scores and context 2*b*s*s*C); other ops count zero. A model
+    whose layers all sit in one If (`onnx_spectral.graph.if_branch`) counts the branch `feeds`
+    take."""
+    from onnx_spectral.graph.if_branch import take_branch
+
+    model = take_branch(model, lambda: feeds)[0]
     nodes = [node for node in model.graph.node if _mac_kind(node) is not None]
     names = {name for node in nodes for name in (*node.input[:2], node.output[0])}
     shapes = tensor_shapes(model, feeds, names)
