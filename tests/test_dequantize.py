@@ -17,6 +17,7 @@ from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
 from onnx_spectral.graph.dequantize import dequantize_qdq
 from onnx_spectral.quantize import quantize_int8
+from tests import graphs
 from tests.graphs import GraphBuilder, conv_sandwich, unary
 
 FAST = {"provider": "cpu", "calib_samples": 48, "verify_samples": 16, "batch_size": 16}
@@ -113,3 +114,35 @@ def test_qdq_model_is_pruned_and_quantized_again(
     floating, report = compress(qdq, _x(), ratio=0.5, quantize="none", **FAST)
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(_ops(floating))
     assert any("written in float (--quantize none)" in note for note in report.notes)
+
+
+QUANTIZED_GRAPHS = {
+    "batchnorm": lambda: conv_sandwich(graphs.batchnorm),
+    "depthwise": lambda: conv_sandwich(graphs.depthwise),
+    "grouped": lambda: conv_sandwich(graphs.grouped_conv, channels=8),
+    "max-pool": lambda: conv_sandwich(graphs.pool("MaxPool"), out_size=4),
+    "residual": graphs.residual_block,
+    "flatten-gemm": lambda: graphs.flatten_head("flatten"),
+    "transposed-head": lambda: graphs.flatten_head("transpose"),
+    "concat": graphs.concat_channels,
+    "split": graphs.split_halves_combined,
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZED_GRAPHS))
+def test_quantized_graphs_compress_validly(name: str) -> None:
+    """The op-handler graphs, quantized by quantize_static, then compressed at --flops 0.6:
+    a model that passes the checker, runs, keeps its outputs, and is int8 again."""
+    model = QUANTIZED_GRAPHS[name]()
+    x = {"x": np.random.default_rng(0).standard_normal(
+        (64, *(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])),
+        dtype=np.float32)}
+    qdq = quantize_int8(model, [{"x": x["x"][:32]}])
+    compressed, report = compress(qdq, x, flops=0.6, **FAST)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert "DequantizeLinear" in _ops(compressed)
+    assert report.cost_after.macs <= 0.6 * report.cost_before.macs + 1
+    assert [value.name for value in compressed.graph.output] == [
+        value.name for value in qdq.graph.output]
+    feeds = {"x": x["x"][:4]}
+    assert _run(compressed, feeds).shape == _run(qdq, feeds).shape
