@@ -43,6 +43,7 @@ from onnx_spectral.errors import (
 )
 from onnx_spectral.graph import atomic
 from onnx_spectral.graph.dequantize import dequantize_qdq
+from onnx_spectral.graph.if_branch import layers_only_in_if
 from onnx_spectral.graph.model import load_model
 from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
 from onnx_spectral.plots import require_matplotlib, write_plots
@@ -293,6 +294,10 @@ def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
         print(json.dumps(analysis_dict(analysis, cost), indent=2))
     else:
         print(format_analysis(analysis, cost))
+        holder = layers_only_in_if(model)
+        if holder is not None:
+            print(f"note: the layers are all inside If node '{model.graph.node[holder].name}': "
+                  "compressing with calibration data prunes the branch that data takes")
     return 0
 
 

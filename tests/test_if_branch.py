@@ -3,12 +3,16 @@ data takes is pruned, the other kept whole, and the model written keeps its If."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper
 
 from onnx_spectral import compress
+from onnx_spectral.cli import main
 from onnx_spectral.graph.if_branch import layers_only_in_if, take_branch
 from tests.graphs import GraphBuilder
 
@@ -98,3 +102,12 @@ def test_the_branch_taken_is_pruned_and_the_other_kept_whole() -> None:
     got = np.concatenate([_run(compressed, feeds) for feeds in fast]).ravel()
     want = np.concatenate([_run(model, feeds) for feeds in fast]).ravel()
     assert got @ want / np.linalg.norm(got) / np.linalg.norm(want) > 0.9
+
+
+def test_analyze_says_compress_prunes_the_branch_taken(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "vad_like.onnx"
+    onnx.save_model(_vad_like(), str(path))
+    assert main(["analyze", str(path)]) == 0
+    assert ("the layers are all inside If node 'by_rate': compressing with calibration data "
+            "prunes the branch that data takes") in capsys.readouterr().out
