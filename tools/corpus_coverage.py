@@ -153,15 +153,17 @@ def _fidelity(loaded: Loaded, changed: onnx.ModelProto) -> tuple[float, str]:
 
 def _groups(model: onnx.ModelProto, feeds: Feeds, side: Side) -> None:
     """Set the (prunable, frozen) group counts and the frozen reasons by count of `side` from
-    `analyze` (of the float model of a QDQ model, shapes it cannot infer from `feeds`, as
-    compress does); an analysis that fails
+    `analyze` of the model compress analyzes (a QDQ model's float model, the If branch `feeds`
+    take, shapes it cannot infer from `feeds`); an analysis that fails
     is noted in `side.analysis_error` (and its traceback kept unless it is a SpectralError)."""
     from onnx_spectral.analysis import analyze
     from onnx_spectral.errors import SpectralError
     from onnx_spectral.graph.dequantize import dequantize_qdq
+    from onnx_spectral.graph.if_branch import take_branch
 
     try:
-        analysis = analyze(dequantize_qdq(model)[0], shape_feeds=feeds)
+        analyzed = take_branch(dequantize_qdq(model)[0], lambda: feeds)[0]
+        analysis = analyze(analyzed, shape_feeds=feeds)
     except SpectralError as error:
         side.analysis_error = first_line(error)
         return
