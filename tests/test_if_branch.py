@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from onnx_spectral import compress
 from onnx_spectral.cli import main
 from onnx_spectral.graph.if_branch import layers_only_in_if, take_branch
+from tests import graphs
 from tests.graphs import GraphBuilder
 
 RATE = 16000
@@ -111,3 +112,71 @@ def test_analyze_says_compress_prunes_the_branch_taken(
     assert main(["analyze", str(path)]) == 0
     assert ("the layers are all inside If node 'by_rate': compressing with calibration data "
             "prunes the branch that data takes") in capsys.readouterr().out
+
+
+def _in_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` run inside both branches of an If on a new scalar input 'sr' (== 16000): the
+    branches read the inputs and initializers from the outer scope."""
+    graph = model.graph
+    branches = {}
+    for branch in ("then_branch", "else_branch"):
+        writers = [helper.make_node("Identity", [value.name], [f"{value.name}_{branch}"],
+                                    name=f"{value.name}_{branch}") for value in graph.output]
+        outputs = []
+        for value in graph.output:
+            inner = onnx.ValueInfoProto()
+            inner.CopyFrom(value)
+            inner.name = f"{value.name}_{branch}"
+            outputs.append(inner)
+        branches[branch] = helper.make_graph([*graph.node, *writers], branch, [], outputs)
+    if_node = helper.make_node("If", ["is_fast"], [value.name for value in graph.output],
+                               name="by_rate", **branches)
+    wrapped = helper.make_graph(
+        [helper.make_node("Equal", ["sr", "rate"], ["is_fast"], name="pick"), if_node],
+        "wrapped", [*graph.input, helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        list(graph.output),
+        [*graph.initializer, onnx.numpy_helper.from_array(np.array(RATE, np.int64), "rate")])
+    result = helper.make_model(wrapped, opset_imports=list(model.opset_import))
+    onnx.checker.check_model(result, full_check=True)
+    return result
+
+
+WRAPPED = {
+    "sandwich": lambda: graphs.conv_sandwich(graphs.unary("Relu")),
+    "batchnorm": lambda: graphs.conv_sandwich(graphs.batchnorm),
+    "grouped": lambda: graphs.conv_sandwich(graphs.grouped_conv, channels=8),
+    "residual": graphs.residual_block,
+    "transposed-head": lambda: graphs.flatten_head("transpose"),
+    "concat": graphs.concat_channels,
+    "split": graphs.split_halves_combined,
+    "gemm-mlp": lambda: graphs.gemm_mlp(1),
+    "matmul-mlp": lambda: graphs.matmul_mlp(3),
+    "flatten-head": lambda: graphs.flatten_head("flatten"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_graphs_inside_an_if_compress_validly(name: str) -> None:
+    """The op-handler graphs wrapped in an If: compressed at --flops 0.6, a model that passes
+    the checker and runs both branches with the original outputs, the other branch exact."""
+    model = _in_if(WRAPPED[name]())
+    x = model.graph.input[0]
+    dims = [d.dim_value for d in x.type.tensor_type.shape.dim[1:]]
+    rng = np.random.default_rng(0)
+    runs = [{x.name: rng.standard_normal((1, *dims)).astype(np.float32),
+             "sr": np.array(RATE, np.int64)} for _ in range(64)]
+    compressed, report = compress(model, runs, flops=0.6, provider="cpu", calib_samples=48,
+                                  verify_samples=16)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert report.cost_after.macs <= 0.6 * report.cost_before.macs + 1
+    session, reference = (ort.InferenceSession(graph.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+                          for graph in (compressed, model))
+    names = [value.name for value in model.graph.output]
+    for rate in (RATE, 8000):
+        feeds = {**runs[0], "sr": np.array(rate, np.int64)}
+        got, want = session.run(names, feeds), reference.run(names, feeds)
+        assert [value.shape for value in got] == [value.shape for value in want]
+        if rate != RATE:
+            for value, expected in zip(got, want, strict=True):
+                np.testing.assert_array_equal(value, expected)

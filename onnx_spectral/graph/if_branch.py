@@ -108,24 +108,40 @@ def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
 
 def _inlined(model: onnx.ModelProto, index: int, branch: str) -> onnx.ModelProto:
     """A copy of `model` with the If at `index` replaced by the nodes of `branch`; the If's
-    outputs are written by Identity nodes and listed as graph outputs (their shapes stay)."""
+    outputs are written by Identity nodes and listed as graph outputs (their shapes stay).
+    Branch tensors named like a tensor of the main graph are renamed apart."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
     node = graph.node[index]
     body = _branch(node, branch)
-    writers = [helper.make_node("Identity", [inner.name], [name], name=f"{name}_from_{branch}")
+    taken = {*(value.name for value in graph.input), *(tensor.name for tensor in graph.initializer),
+             *(name for other in graph.node for name in other.output)}
+    defined = [*(tensor.name for tensor in body.initializer),
+               *(name for inner in body.node for name in inner.output if name)]
+    renamed = {name: f"{name}__{branch}" for name in defined if name in taken}
+    nodes = []
+    for inner in body.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(inner)
+        _rename(copy, renamed)
+        nodes.append(copy)
+    for tensor in body.initializer:
+        copy_tensor = graph.initializer.add()
+        copy_tensor.CopyFrom(tensor)
+        copy_tensor.name = renamed.get(tensor.name, tensor.name)
+    writers = [helper.make_node("Identity", [renamed.get(inner.name, inner.name)], [name],
+                                name=f"{name}_from_{branch}")
                for inner, name in zip(body.output, node.output, strict=True)]
-    nodes = [*graph.node[:index], *body.node, *writers, *graph.node[index + 1:]]
+    all_nodes = [*graph.node[:index], *nodes, *writers, *graph.node[index + 1:]]
     del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(body.initializer)
-    graph.value_info.extend(body.value_info)
+    graph.node.extend(all_nodes)
+    graph.value_info.extend(value for value in body.value_info if value.name not in renamed)
     declared = {value.name for value in graph.output}
-    for inner, name in zip(body.output, node.output, strict=True):
+    for inner_value, name in zip(body.output, node.output, strict=True):
         if name not in declared:
             value = onnx.ValueInfoProto()
-            value.CopyFrom(inner)
+            value.CopyFrom(inner_value)
             value.name = name
             graph.output.append(value)
     return result
