@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.model import opset_version
 from onnx_spectral.graph.subgraphs import used_names
 
@@ -57,6 +58,8 @@ def dequantize_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Dequantized
     None when it quantizes no weight, or no activation (weight-only quantization, which
     quantizing again would not reproduce), or uses quantization other than plain QDQ."""
     graph = model.graph
+    if not any(node.op_type == "DequantizeLinear" for node in graph.node):
+        return model, None
     constants = _constants(graph)
     producers = {name: node for node in graph.node for name in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -101,9 +104,15 @@ def dequantize_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Dequantized
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    """The values of the constants that QuantizeLinear/DequantizeLinear nodes read (other
+    weights, possibly large or stored apart, are not read)."""
+    wanted = {name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+              for name in node.input}
+    values = {tensor.name: value for tensor in graph.initializer if tensor.name in wanted
+              for value in [external_tensors.constants([tensor], set())[tensor.name]]}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        if node.op_type == "Constant" and node.output[0] in wanted and node.attribute \
+                and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return values
 
