@@ -229,7 +229,8 @@ def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
         stream = (None if calibration_data is None
                   else open_calibration(calibration_data, specs, preprocess=options.preprocess,
                                         seed=options.seed))
-    original, taken = take_branch(original, stream.peek) if stream else (original, None)
+    original, taken = (take_branch(original, stream.peek)  # overridable weights: kept as they are
+                       if stream and options.initializer_inputs == "constant" else (original, None))
     analysis = analyze(original, options.exclude, initializer_inputs=options.initializer_inputs,
                        shape_feeds=None if stream is None else stream.peek)
     if options.require_prunable and not analysis.prunable \

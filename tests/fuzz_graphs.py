@@ -23,7 +23,9 @@ also draws a `Variant`, applied once the float32 graph is built: the opset (9 to
 ReduceMean take their sizes/axes as attributes before 13/18), constants as initializers or
 Constant nodes, float16 (weights and activations; inputs and outputs float16, or float32 with a
 Cast after each input and before each output), and the IR-3 convention (ir_version 3, every
-initializer also a graph input). `canonical` undoes all but the opset.
+initializer also a graph input). One graph in five then runs inside both branches of an If on a
+scalar input (`in_if`, Silero VAD's form), so that the whole model is pruned in the branch its
+data takes. `canonical` undoes all but the opset.
 `model.doc_string` describes what was drawn, one line, for the fuzzer's notes.
 """
 
@@ -441,6 +443,53 @@ def _as_ir3(model: onnx.ModelProto) -> None:
             tensor.name, tensor.data_type, list(tensor.dims)))
 
 
+IF_NODE = "by_gate"
+"""Name of the If `in_if` wraps a graph in."""
+
+
+def in_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` run inside both branches of If 'by_gate' on a new scalar input 'gate' > 0 (as
+    Silero VAD picks its network by the sample rate): the branches read the inputs and weights
+    from the outer scope, and write the outputs under branch names."""
+    graph = model.graph
+    branches = {}
+    for branch in ("then_branch", "else_branch"):
+        writers = [helper.make_node("Identity", [value.name], [f"{value.name}_{branch}"],
+                                    name=f"{value.name}_{branch}") for value in graph.output]
+        outputs = [helper.make_value_info(f"{value.name}_{branch}", value.type)
+                   for value in graph.output]
+        branches[branch] = helper.make_graph([*graph.node, *writers], branch, [], outputs)
+    nodes = [helper.make_node("Greater", ["gate", "gate_zero"], ["gate_open"], name="open"),
+             helper.make_node("If", ["gate_open"], [value.name for value in graph.output],
+                              name=IF_NODE, **branches)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, []))
+    graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "gate_zero"))
+    if model.ir_version == 3:
+        graph.input.append(helper.make_tensor_value_info("gate_zero", TensorProto.FLOAT, []))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _out_of_if(model: onnx.ModelProto) -> None:
+    """Undo `in_if` (in place): the then-branch's nodes in the main graph again."""
+    graph = model.graph
+    wrapper = next((node for node in graph.node if node.name == IF_NODE), None)
+    if wrapper is None:
+        return
+    body = next(attribute.g for attribute in wrapper.attribute if attribute.name == "then_branch")
+    writers = len(graph.output)
+    nodes = list(body.node[:len(body.node) - writers])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    extra = {"gate", "gate_zero"}
+    for field_values in (graph.input, graph.initializer):
+        kept = [value for value in field_values if value.name not in extra]
+        del field_values[:]
+        field_values.extend(kept)  # type: ignore[arg-type]
+
+
 def apply_variant(model: onnx.ModelProto, variant: Variant) -> onnx.ModelProto:
     """`model` (built float32 at `variant.opset`) stored as `variant` asks; checked."""
     if variant.float16 != "no":
@@ -456,6 +505,7 @@ def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
     float32, constants as initializers, the current IR with only data inputs."""
     plain = onnx.ModelProto()
     plain.CopyFrom(model)
+    _out_of_if(plain)
     graph = plain.graph
     for node in [node for node in graph.node if node.op_type == "Constant"]:
         graph.initializer.append(numpy_helper.from_array(
@@ -526,7 +576,9 @@ def cnn_graphs(draw: st.DrawFn, max_blocks: int = 6, channel_cut: bool = False
     extra = draw(st.sampled_from(["none", *RUN_INPUTS]))
     if extra == "none" or not RUN_INPUTS[extra](model):
         extra = "none"
+    wrapped = draw(st.integers(0, 4)) == 0  # one graph in five runs inside an If
     model.doc_string = (f"{variant}; input [N, {in_channels}, {spatial[0]}, {spatial[1]}]; "
                         f"blocks {blocks}; head {head} -> {output[0]} {output[1]}; "
-                        f"run inputs {extra}")
-    return apply_variant(model, variant)
+                        f"run inputs {extra}{', in if' if wrapped else ''}")
+    model = apply_variant(model, variant)
+    return in_if(model) if wrapped else model

@@ -10,8 +10,9 @@ calibration sample takes:
   replaced by that branch's nodes (its outputs written under the If's output names, which become
   graph outputs too, so that their shapes stay);
 - after compression, `TakenBranch.rewrap` puts the pruned computation back as the body of that
-  branch: the needed nodes and initializers, renamed under a prefix of the If's name, reading
-  the model's inputs from the outer scope. The other branch is kept whole.
+  branch: the needed nodes, renamed under a prefix of the If's name, reading the model's inputs
+  and their weights (main-graph initializers, renamed alike) from the outer scope. The other
+  branch is kept whole; weights that only the old branch read are dropped.
 """
 
 from __future__ import annotations
@@ -56,16 +57,24 @@ class TakenBranch:
         result = onnx.ModelProto()
         result.CopyFrom(self.outer)
         node = result.graph.node[self.index]
-        body = _body(pruned, list(node.output), f"{node.name or 'if'}/{self.branch}/",
-                     _branch(node, self.branch))
+        body, weights = _body(pruned, list(node.output),
+                              f"{node.name or 'if'}/{self.branch}/", _branch(node, self.branch))
         for attribute in node.attribute:
             if attribute.name == self.branch:
                 attribute.g.CopyFrom(body)
         graph = result.graph
-        used = used_names(graph) | {value.name for value in graph.input}
-        kept = [tensor for tensor in graph.initializer if tensor.name in used]
-        del graph.initializer[:]  # the taken branch's weights, read from the outer scope before
-        graph.initializer.extend(kept)
+        listed = {value.name for value in graph.input}
+        if any(tensor.name in listed for tensor in graph.initializer):  # IR 3: listed as inputs
+            graph.input.extend(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                             list(tensor.dims))
+                               for tensor in weights)
+        graph.initializer.extend(weights)
+        used = used_names(graph)
+        unused = {tensor.name for tensor in graph.initializer if tensor.name not in used}
+        for values in (graph.initializer, graph.input):  # the old branch's weights
+            kept = [value for value in values if value.name not in unused]
+            del values[:]
+            values.extend(kept)  # type: ignore[arg-type]
         return result
 
 
@@ -147,10 +156,12 @@ def _inlined(model: onnx.ModelProto, index: int, branch: str) -> onnx.ModelProto
     return result
 
 
-def _body(pruned: onnx.ModelProto, outputs: list[str], prefix: str,
-          original: onnx.GraphProto) -> onnx.GraphProto:
-    """The branch body computing `outputs` of `pruned`: the nodes and initializers they need,
-    every name they define prefixed; the model's inputs are read from the outer scope."""
+def _body(pruned: onnx.ModelProto, outputs: list[str], prefix: str, original: onnx.GraphProto
+          ) -> tuple[onnx.GraphProto, list[onnx.TensorProto]]:
+    """The branch body computing `outputs` of `pruned`, and the weights it reads from the outer
+    scope (as exporters write them; IR 3 allows no initializer in a branch): the nodes and
+    initializers they need, every name they define prefixed; the model's inputs are read from
+    the outer scope too."""
     graph = pruned.graph
     producers = {name: node for node in graph.node for name in node.output if name}
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -193,7 +204,7 @@ def _body(pruned: onnx.ModelProto, outputs: list[str], prefix: str,
         value.CopyFrom(declared)
         value.name = renamed.get(name, name)
         body_outputs.append(value)
-    return helper.make_graph(nodes, original.name, [], body_outputs, tensors)
+    return helper.make_graph(nodes, original.name, [], body_outputs), tensors
 
 
 def _rename(node: onnx.NodeProto, renamed: Mapping[str, str]) -> None:
