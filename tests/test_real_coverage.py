@@ -92,9 +92,10 @@ def test_transformer_ffn_widths_halved() -> None:
 
 
 CHEAP_CORPUS = ("mnist_cnn", "sklearn_digits_mlp", "mnist_cnn_qdq", "silero_vad", "oww_hey_jarvis",
-                "mtcnn_rnet", "silero_vad_16k_op15", "silero_vad_v6")
+                "mtcnn_rnet", "silero_vad_16k_op15", "silero_vad_v6", "silero_vad_op18_ifless")
 """Corpus models that compress (or are refused) in seconds each on a 2-core CPU; the Silero
-VAD models are fed runs (a scalar sample rate; a state with its batch on axis 1)."""
+VAD models are fed runs (a scalar sample rate; a state with its batch on axis 1), two of them
+hold all their layers in one If."""
 
 
 @pytest.mark.parametrize("name", CHEAP_CORPUS)
@@ -121,3 +122,17 @@ def test_cheap_corpus_model_is_compressed_validly_or_refused_by_name(name: str) 
         got = run_output(compressed, output, held_out)
         assert [value.shape for value in got] == [value.shape for value in want]
         assert all(np.all(np.isfinite(value)) for value in got if value.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("name, kept_op", [("mnist_cnn_qdq", "DequantizeLinear"),
+                                           ("silero_vad", "If"),
+                                           ("silero_vad_op18_ifless", "If")])
+def test_quantized_and_if_only_models_lose_half_their_macs(name: str, kept_op: str) -> None:
+    """A QDQ model comes back pruned and quantized; a model whose layers all sit in one If
+    comes back pruned in the branch its data takes, still inside its If."""
+    entry = corpus_entry(name)
+    compressed, report = compress(str(entry.path()), entry.data(12, 0), flops=0.5,
+                                  provider="cpu", calib_samples=8, verify_samples=4)
+    assert report.cost_after.macs <= 0.5 * report.cost_before.macs + 1
+    assert kept_op in {node.op_type for node in compressed.graph.node}
+    assert report.verification is not None
