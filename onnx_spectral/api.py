@@ -53,18 +53,23 @@ from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
 from onnx_spectral.errors import OptionsError, UnsupportedGraphError
 from onnx_spectral.graph import external_tensors
-from onnx_spectral.graph.dequantize import dequantize_qdq
+from onnx_spectral.graph.dequantize import as_float_model
 from onnx_spectral.graph.executor import Executor, LocalExecutor
 from onnx_spectral.graph.if_branch import TakenBranch, take_branch
 from onnx_spectral.graph.model import initializer_inputs_note, load_model, stamp
 from onnx_spectral.options import CompressOptions, with_overrides
-from onnx_spectral.quantize import Quantize, model_bytes, quantize_int8, quantize_problem
+from onnx_spectral.quantize import Quantize, model_bytes, quantize_as, quantize_problem
 from onnx_spectral.report import Report, StageClock, group_reports
 from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
-from onnx_spectral.verify import Verified, check_input_runs, verify_on_held_out
+from onnx_spectral.verify import (
+    Verified,
+    check_input_runs,
+    quantization_warning,
+    verify_on_held_out,
+)
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
 
@@ -165,7 +170,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     try:
         with clock("calibrate"):
             calibrated = shared_statistics(prepared, options,
-                                           corrections.need_batches or options.quantize != "none",
+                                           corrections.need_batches or options.quantize == "int8",
                                            executor, originals_to_keep(
                                                prepared.analysis, corrections.compensate,
                                                options.compensation_samples))
@@ -190,9 +195,7 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     cost_before = prepared.cost
     notes = (*prepared.notes, *corrections.notes, *correction_notes)
     warnings = (*prepared.warnings, *calibrated.warnings)
-    cost_after = model_cost(quantized, cost_before.input_shapes)
-    if quantized is not compressed:  # the weights are integers now: count them as before
-        cost_after = replace(cost_after, params=model_cost(compressed, None).params)
+    cost_after = model_cost(compressed, cost_before.input_shapes)  # quantizing keeps layers
     check_budget_met(cost_before, cost_after, options.flops, options.params)
     sizes = {"original": model_bytes(original), "compressed": model_bytes(compressed)}
     if quantized is not compressed:
@@ -220,9 +223,9 @@ def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
     Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
     budget, `budget_costs` does); OptionsError when `quantize` cannot apply.
     """
-    original, dequantized = dequantize_qdq(given)
-    quantize_mode = (options.quantize if options.quantize != "auto"
-                     else "int8" if dequantized is not None else "none")
+    original, dequantized = as_float_model(given)
+    quantize_mode = options.quantize if options.quantize != "auto" else (
+        "none" if dequantized is None else dequantized.quantize)
     specs = model_input_specs(original)  # initializers listed as inputs are not data
     with catch_warnings(record=True) as caught:
         simplefilter("always")
@@ -356,11 +359,9 @@ def quantize(compressed: onnx.ModelProto, calibrated: Calibrated, options: Compr
              ) -> onnx.ModelProto:
     """The model to write: `compressed` quantized as `options.quantize` asks, calibrated on the
     first calibration batches (`compressed` itself for "none")."""
-    if options.quantize != "int8":  # "auto" is decided by `prepare`
-        return compressed
-    return quantize_int8(compressed, calibrated.first_batches, method=options.quantize_method,
-                         fmt=options.quantize_format, per_channel=options.quantize_per_channel,
-                         exclude=options.quantize_exclude)
+    return quantize_as(compressed, options.quantize, calibrated.first_batches,
+                       method=options.quantize_method, fmt=options.quantize_format,
+                       per_channel=options.quantize_per_channel, exclude=options.quantize_exclude)
 
 
 def verify(prepared: Prepared, compressed: onnx.ModelProto, calibrated: Calibrated,
@@ -388,6 +389,9 @@ def build_report(prepared: Prepared, calibrated: Calibrated, planned: Sequence[P
     if not prepared.analysis.prunable:
         warnings.append("no channel group is prunable: the model is unchanged (see the "
                         "reasons)")
+    lost = quantization_warning(verified.verification, verified.float_verification,
+                                options.quantize)
+    warnings += [lost] if lost else []
     return Report(
         groups=group_reports(prepared.analysis, planned, verified.group_errors),
         cost_before=cost_before,

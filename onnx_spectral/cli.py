@@ -42,7 +42,7 @@ from onnx_spectral.errors import (
     UnsupportedGraphError,
 )
 from onnx_spectral.graph import atomic
-from onnx_spectral.graph.dequantize import dequantize_qdq
+from onnx_spectral.graph.dequantize import as_float_model
 from onnx_spectral.graph.if_branch import layers_only_in_if
 from onnx_spectral.graph.model import load_model
 from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
@@ -284,7 +284,7 @@ def _check_writable(path: Path) -> None:
 def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _analyze_parser().parse_args(argv)
     model = load_model(args.input)
-    analysis = analyze(dequantize_qdq(model)[0], args.exclude)  # the groups compress prunes
+    analysis = analyze(as_float_model(model)[0], args.exclude)  # the groups compress prunes
     options = _options(args)
     shapes = dict(options.input_shape)
     if "" in shapes:  # a shape without a name: the single input's

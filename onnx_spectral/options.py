@@ -235,9 +235,10 @@ class CompressOptions:
     quantize: Quantize = option("auto", "then quantize the model written: int8 (ONNX Runtime's "
                                 "quantize_static; uint8 activations calibrated on the "
                                 "calibration data, int8 weights); the report compares both "
-                                "the float and the int8 model with the original. auto: int8 "
-                                "when the input model is QDQ-quantized (pruned as its float "
-                                "model), else none")
+                                "the float and the int8 model with the original. dynamic: "
+                                "ONNX Runtime's quantize_dynamic (int8 weights, activations "
+                                "quantized at run time). auto: as the input model is "
+                                "quantized (pruned as its float model), else none")
     quantize_method: QuantizeMethod = option("minmax", "how --quantize calibrates activation "
                                              "ranges")
     quantize_format: QuantizeFormat = option("qdq", "--quantize writes QuantizeLinear/"

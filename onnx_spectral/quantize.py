@@ -5,6 +5,8 @@ ONNX Runtime's `quantize_static` does the work: the float model is first pre-pro
 BatchNormalization into the preceding Conv), then quantized with activation ranges calibrated
 by a `CalibrationDataReader` over the calibration batches. Activations are uint8 and weights
 int8 (ONNX Runtime's fast U8S8 kernels on x86), weights per output channel by default.
+`quantize_dynamic_int8` runs `quantize_dynamic` instead: int8 weights, activations quantized
+at run time (no calibration).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -34,9 +37,10 @@ from onnx_spectral.errors import OptionsError, RewriteError
 from onnx_spectral.graph import external_tensors
 from onnx_spectral.graph.executor import batch_samples, sample_range
 
-Quantize = Literal["auto", "none", "int8"]
-"""How the model written is quantized; "auto": int8 when the input model is QDQ-quantized
-(`graph.dequantize`), else none."""
+Quantize = Literal["auto", "none", "int8", "dynamic"]
+"""How the model written is quantized; "auto": as the input model is (int8 for a QDQ model,
+`graph.dequantize`; dynamic for a dynamically quantized one, `graph.dynamic_quant`), else
+none."""
 QuantizeMethod = Literal["minmax", "entropy", "percentile"]
 QuantizeFormat = Literal["qdq", "qoperator"]
 
@@ -104,6 +108,43 @@ def quantize_int8(model: onnx.ModelProto, batches: Sequence[FeedDict], *,
             raise RewriteError(f"ONNX Runtime could not quantize the compressed model to int8: "
                                f"{type(exc).__name__}: {exc}; pass --quantize-exclude NODE for "
                                "the node at fault, or leave out --quantize") from exc
+        return onnx.load(str(quantized))
+
+
+def quantize_as(model: onnx.ModelProto, mode: Quantize, batches: Sequence[FeedDict], *,
+                method: QuantizeMethod = "minmax", fmt: QuantizeFormat = "qdq",
+                per_channel: bool = True, exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """`model` quantized as `mode` asks: `quantize_int8` (calibrated on `batches`),
+    `quantize_dynamic_int8`, or `model` itself ("none"; "auto" is decided before)."""
+    if mode == "dynamic":
+        return quantize_dynamic_int8(model, per_channel=per_channel, exclude=exclude)
+    if mode != "int8":
+        return model
+    return quantize_int8(model, batches, method=method, fmt=fmt, per_channel=per_channel,
+                         exclude=exclude)
+
+
+def quantize_dynamic_int8(model: onnx.ModelProto, *, per_channel: bool = True,
+                          exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """`model` quantized by ONNX Runtime's `quantize_dynamic`: int8 weights (per output
+    channel when `per_channel`), activations quantized at run time; the nodes `exclude` stay
+    float. Raises OptionsError as `quantize_int8`, RewriteError when ONNX Runtime fails."""
+    problem = quantize_problem(model, exclude)
+    if problem is not None:
+        raise OptionsError(problem)
+    with tempfile.TemporaryDirectory(prefix="onnx-spectral-quantize-") as folder:
+        source, quantized = Path(folder) / "source.onnx", Path(folder) / "quantized.onnx"
+        onnx.save_model(model, str(source))
+        try:
+            with _quiet():
+                quantize_dynamic(str(source), str(quantized), per_channel=per_channel,
+                                 weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(exclude) or None)
+        except Exception as exc:
+            raise RewriteError(f"ONNX Runtime could not quantize the compressed model "
+                               f"dynamically: {type(exc).__name__}: {exc}; pass "
+                               "--quantize-exclude NODE for the node at fault, or --quantize "
+                               "none") from exc
         return onnx.load(str(quantized))
 
 

@@ -51,6 +51,29 @@ class Verification:
     outputs: tuple[OutputAgreement, ...]
 
 
+QUANTIZATION_LOSS = 0.05
+"""Loss of held-out cosine or top-1 agreement, from the float to the quantized model, past
+which the report warns."""
+
+
+def quantization_warning(written: Verification | None, floating: Verification | None,
+                         quantize: str) -> str | None:
+    """A warning when the quantized model written agrees with the original clearly less than
+    the float model before quantization did (None otherwise, or without both figures)."""
+    if written is None or floating is None:
+        return None
+    for quantized, plain in zip(written.outputs, floating.outputs, strict=True):
+        pairs = [("cosine", quantized.cosine, plain.cosine)]
+        if quantized.top1_agreement is not None and plain.top1_agreement is not None:
+            pairs.append(("top-1 agreement", quantized.top1_agreement, plain.top1_agreement))
+        for what, after, before in pairs:
+            if before - after > QUANTIZATION_LOSS:
+                return (f"quantizing the pruned model ({quantize}) lowers the {what} of output "
+                        f"'{quantized.name}' from {before:.4g} to {after:.4g} on held-out "
+                        "samples; --quantize none writes the float model")
+    return None
+
+
 def _open(model: onnx.ModelProto, provider: Provider, role: str) -> ort.InferenceSession:
     try:
         return open_session(model, provider)

@@ -1,12 +1,14 @@
-"""QDQ-quantized input models: pruned as their float model, then quantized again.
+"""Quantized input models (QDQ, dynamic): pruned as their float model, then quantized again.
 
-The QDQ models here are made the way users make theirs, by ONNX Runtime's `quantize_static`
-(through `onnx_spectral.quantize.quantize_int8`), from the tiny float graphs of tests/graphs.py.
+The quantized models here are made the way users make theirs, by ONNX Runtime's
+`quantize_static` and `quantize_dynamic` (through `onnx_spectral.quantize`), from the tiny float
+graphs of tests/graphs.py.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -16,7 +18,9 @@ import pytest
 from onnx_spectral import compress
 from onnx_spectral.analysis import analyze
 from onnx_spectral.graph.dequantize import dequantize_qdq
-from onnx_spectral.quantize import quantize_int8
+from onnx_spectral.graph.dynamic_quant import dequantize_dynamic
+from onnx_spectral.quantize import quantize_dynamic_int8, quantize_int8
+from onnx_spectral.verify import OutputAgreement, Verification, quantization_warning
 from tests import graphs
 from tests.graphs import GraphBuilder, conv_sandwich, unary
 
@@ -146,3 +150,66 @@ def test_quantized_graphs_compress_validly(name: str) -> None:
         value.name for value in qdq.graph.output]
     feeds = {"x": x["x"][:4]}
     assert _run(compressed, feeds).shape == _run(qdq, feeds).shape
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic quantization (quantize_dynamic: ConvInteger, MatMulInteger, DynamicQuantizeLSTM)
+
+
+def _conv_lstm() -> onnx.ModelProto:
+    """x [N,2,3,4] -> Conv 'conv1' (5) -> Reshape [0, 5, -1] -> Transpose -> LSTM 'rnn'
+    (hidden 3) -> Y_h -> MatMul 'head' (4) -> y [1, N, 4]."""
+    b = GraphBuilder(4)
+    t = b.conv("x", "conv1", 2, 5)
+    flat = b.node("Reshape", [t, b.const("shape", np.array([0, 5, -1], np.int64))], "reshape")
+    sequence = b.node("Transpose", [flat], "transpose", perm=[2, 0, 1])
+    b.node("LSTM", [sequence, b.random("W", (1, 12, 5), fan_in=5),
+                    b.random("R", (1, 12, 3), fan_in=3), b.random("B", (1, 24))],
+           "rnn", outputs=2, hidden_size=3)
+    b.node("MatMul", ["rnn_out1", b.random("head_w", (3, 4), fan_in=3)], "head")
+    return b.model([("x", ["N", 2, 3, 4])], [("head", [1, "N", 4])])
+
+
+@pytest.mark.parametrize("build", [lambda: conv_sandwich(unary("Relu")), _conv_lstm],
+                         ids=["convs", "conv-lstm-matmul"])
+def test_dynamically_quantized_model_dequantizes_to_its_float_model(build: Callable) -> None:
+    model = build()
+    dynamic = quantize_dynamic_int8(model)
+    integer_ops = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM"}
+    assert integer_ops & set(_ops(dynamic))
+    floating, found = dequantize_dynamic(dynamic)
+    assert found is not None and found.layers == sum(_ops(dynamic)[op] for op in integer_ops)
+    assert not integer_ops & set(_ops(floating))
+    assert {op: _ops(model)[op] for op in ("Conv", "LSTM", "MatMul")} == {
+        op: _ops(floating)[op] for op in ("Conv", "LSTM", "MatMul")}
+    onnx.checker.check_model(floating, full_check=True)
+    x = model.graph.input[0]
+    dims = [d.dim_value for d in x.type.tensor_type.shape.dim[1:]]
+    feeds = {x.name: np.random.default_rng(1).standard_normal((4, *dims)).astype(np.float32)}
+    reference, got = _run(dynamic, feeds), _run(floating, feeds)
+    assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_dynamically_quantized_model_is_pruned_and_quantized_again() -> None:
+    dynamic = quantize_dynamic_int8(conv_sandwich(unary("Relu")))
+    compressed, report = compress(dynamic, _x(), ratio=0.5, **FAST)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert "ConvInteger" in _ops(compressed)
+    assert report.options["quantize"] == "dynamic" and "dynamic" in report.sizes
+    assert report.cost_after.macs < 0.75 * report.cost_before.macs
+    assert any("dynamically quantized" in note for note in report.notes)
+    assert _run(compressed, _x(2))[0].shape == _run(dynamic, _x(2))[0].shape
+
+
+def _verification(cosine: float, top1: float | None) -> Verification:
+    return Verification(8, (OutputAgreement("y", 0.1, cosine, top1),))
+
+
+def test_a_quantization_that_costs_agreement_is_a_warning() -> None:
+    floating = _verification(0.99, 0.95)
+    assert quantization_warning(_verification(0.98, 0.93), floating, "int8") is None
+    assert quantization_warning(_verification(0.98, 0.80), floating, "dynamic") == (
+        "quantizing the pruned model (dynamic) lowers the top-1 agreement of output 'y' from "
+        "0.95 to 0.8 on held-out samples; --quantize none writes the float model")
+    assert "cosine" in (quantization_warning(_verification(0.5, None), floating, "int8") or "")
+    assert quantization_warning(None, floating, "int8") is None

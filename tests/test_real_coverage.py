@@ -125,11 +125,13 @@ def test_cheap_corpus_model_is_compressed_validly_or_refused_by_name(name: str) 
 
 
 @pytest.mark.parametrize("name, kept_op", [("mnist_cnn_qdq", "DequantizeLinear"),
+                                           ("ddddocr_ocr_quantized", "ConvInteger"),
                                            ("silero_vad", "If"),
                                            ("silero_vad_op18_ifless", "If")])
 def test_quantized_and_if_only_models_lose_half_their_macs(name: str, kept_op: str) -> None:
-    """A QDQ model comes back pruned and quantized; a model whose layers all sit in one If
-    comes back pruned in the branch its data takes, still inside its If."""
+    """A quantized model (QDQ; dynamic, with ConvInteger and DynamicQuantizeLSTM) comes back
+    pruned and quantized as it was; a model whose layers all sit in one If comes back pruned
+    in the branch its data takes, still inside its If."""
     entry = corpus_entry(name)
     compressed, report = compress(str(entry.path()), entry.data(12, 0), flops=0.5,
                                   provider="cpu", calib_samples=8, verify_samples=4)

@@ -158,11 +158,11 @@ def _groups(model: onnx.ModelProto, feeds: Feeds, side: Side) -> None:
     is noted in `side.analysis_error` (and its traceback kept unless it is a SpectralError)."""
     from onnx_spectral.analysis import analyze
     from onnx_spectral.errors import SpectralError
-    from onnx_spectral.graph.dequantize import dequantize_qdq
+    from onnx_spectral.graph.dequantize import as_float_model
     from onnx_spectral.graph.if_branch import take_branch
 
     try:
-        analyzed = take_branch(dequantize_qdq(model)[0], lambda: feeds)[0]
+        analyzed = take_branch(as_float_model(model)[0], lambda: feeds)[0]
         analysis = analyze(analyzed, shape_feeds=feeds)
     except SpectralError as error:
         side.analysis_error = first_line(error)

@@ -20,12 +20,14 @@ quantization) leaves the model as it is, and the analysis says which layers it k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnx_spectral.graph import external_tensors
+from onnx_spectral.graph.dynamic_quant import DynamicallyQuantized, dequantize_dynamic
 from onnx_spectral.graph.model import opset_version
 from onnx_spectral.graph.subgraphs import used_names
 
@@ -42,6 +44,8 @@ class Dequantized:
     """QuantizeLinear -> DequantizeLinear activation pairs replaced by a Clip."""
     per_channel: bool
     """Whether some weight has a scale per channel (per-axis quantization)."""
+    quantize: ClassVar[Literal["int8"]] = "int8"
+    """The --quantize that writes the pruned model quantized as this one was."""
 
     def note(self, quantize: str) -> str:
         """What the report says: how the model was pruned and is written (`quantize`)."""
@@ -51,6 +55,16 @@ class Dequantized:
                 f"({self.weights} weights dequantized, {self.activations} activation "
                 f"QuantizeLinear/DequantizeLinear pairs replaced by the Clip they apply) and "
                 f"{written}")
+
+
+def as_float_model(model: onnx.ModelProto
+                   ) -> tuple[onnx.ModelProto, Dequantized | DynamicallyQuantized | None]:
+    """The float model of a QDQ (`dequantize_qdq`) or dynamically quantized
+    (`graph.dynamic_quant`) model, and what was made float; `model` and None otherwise."""
+    floating, qdq = dequantize_qdq(model)
+    if qdq is not None:
+        return floating, qdq
+    return dequantize_dynamic(model)
 
 
 def dequantize_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Dequantized | None]:
