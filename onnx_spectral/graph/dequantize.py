@@ -142,13 +142,16 @@ def _dequantized(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.n
             else np.zeros_like(scale, dtype=quantized.dtype))
     if not np.issubdtype(quantized.dtype, np.integer) or scale.ndim > 1:
         return None
-    values = quantized.astype(np.float64)
-    if scale.size > 1:
-        axis = next((int(attr.i) for attr in node.attribute if attr.name == "axis"), 1)
-        shape = [1] * quantized.ndim
-        shape[axis] = scale.size
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return ((values - zero.astype(np.float64)) * scale).astype(scale.dtype)
+    try:
+        if scale.size > 1:
+            axis = next((int(attr.i) for attr in node.attribute if attr.name == "axis"), 1)
+            shape = [1] * quantized.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return ((quantized.astype(np.float64) - zero.astype(np.float64)) * scale
+                ).astype(scale.dtype)
+    except (IndexError, ValueError):  # an axis or sizes that do not fit: not ours to fix
+        return None
 
 
 def _scale_size(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> int:

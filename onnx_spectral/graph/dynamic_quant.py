@@ -63,7 +63,7 @@ def dequantize_dynamic(model: onnx.ModelProto
         return model, None
     try:
         return _float_model(model, layers), DynamicallyQuantized(len(layers))
-    except _NotDynamic:
+    except (_NotDynamic, ValueError, IndexError):  # a chain, or parameters, of another form
         return model, None
 
 
@@ -150,8 +150,8 @@ class _Chains:
         scaled = self.only_reader(self.graph.node[cast].output[0], "Mul")
         chain += [cast, scaled]
         output = self.graph.node[scaled].output[0]
-        scale_name = next(name for name in self.graph.node[scaled].input
-                          if name != self.graph.node[cast].output[0])
+        scale_name = next((name for name in self.graph.node[scaled].input
+                           if name != self.graph.node[cast].output[0]), "")
         weight_scale = self._weight_scale(scale_name, quantizer.output[1])
         quantized = self.constant(layer.input[1]).astype(np.float64)
         zero = (self.constant(layer.input[3]).astype(np.float64)
@@ -186,7 +186,7 @@ class _Chains:
         product = self.producer(scale)
         if product is None or product.op_type != "Mul" or input_scale not in product.input:
             raise _NotDynamic(scale)
-        other = next(name for name in product.input if name != input_scale)
+        other = next((name for name in product.input if name != input_scale), "")
         return self.constant(other)
 
     def _run_time_bias(self, name: str, chain: list[int]) -> str:
