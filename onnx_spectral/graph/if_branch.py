@@ -57,6 +57,7 @@ class TakenBranch:
         result = onnx.ModelProto()
         result.CopyFrom(self.outer)
         node = result.graph.node[self.index]
+        old_reads = set(outer_scope_names(node))
         body, weights = _body(pruned, list(node.output),
                               f"{node.name or 'if'}/{self.branch}/", _branch(node, self.branch))
         for attribute in node.attribute:
@@ -70,8 +71,9 @@ class TakenBranch:
                                for tensor in weights)
         graph.initializer.extend(weights)
         used = used_names(graph)
-        unused = {tensor.name for tensor in graph.initializer if tensor.name not in used}
-        for values in (graph.initializer, graph.input):  # the old branch's weights
+        unused = {tensor.name for tensor in graph.initializer
+                  if tensor.name in old_reads and tensor.name not in used}
+        for values in (graph.initializer, graph.input):  # weights only the old branch read
             kept = [value for value in values if value.name not in unused]
             del values[:]
             values.extend(kept)  # type: ignore[arg-type]
@@ -208,18 +210,14 @@ def _body(pruned: onnx.ModelProto, outputs: list[str], prefix: str, original: on
 
 
 def _rename(node: onnx.NodeProto, renamed: Mapping[str, str]) -> None:
-    """Rename, in place, the tensors `node` reads and writes (its subgraphs' outer-scope
-    reads too)."""
-    for position, name in enumerate(node.input):
-        node.input[position] = renamed.get(name, name)
+    """Rename, in place, the tensors `node` reads (in its subgraphs too) and writes."""
+    _rename_reads(node, renamed)
     for position, name in enumerate(node.output):
         node.output[position] = renamed.get(name, name)
-    for inner in subgraphs(node):
-        for inner_node in inner.node:
-            _rename_reads(inner_node, renamed)
 
 
 def _rename_reads(node: onnx.NodeProto, renamed: Mapping[str, str]) -> None:
+    """Rename, in place, the tensors `node` and its subgraphs' nodes read."""
     for position, name in enumerate(node.input):
         node.input[position] = renamed.get(name, name)
     for inner in subgraphs(node):
