@@ -110,6 +110,7 @@ class _Chains:
         self.new_weights: list[onnx.TensorProto] = []
 
     def constant(self, name: str) -> np.ndarray:
+        """The value of an initializer or Constant node; _NotDynamic for anything else."""
         if name in self.initializers:
             return np.asarray(external_tensors.constants([self.initializers[name]],
                                                          set())[name])
@@ -122,9 +123,10 @@ class _Chains:
         index = self.position.get(name)
         return None if index is None else self.graph.node[index]
 
-    def only_reader(self, name: str, op_type: str) -> int:
+    def only_reader(self, name: str, op_type: str | None = None) -> int:
+        """Position of the one node reading `name` (of `op_type` when given)."""
         readers = self.readers.get(name, [])
-        if len(readers) != 1 or self.graph.node[readers[0]].op_type != op_type:
+        if len(readers) != 1 or op_type not in (None, self.graph.node[readers[0]].op_type):
             raise _NotDynamic(name)
         return readers[0]
 
@@ -140,7 +142,7 @@ class _Chains:
             raise _NotDynamic(layer.input[0])
         chain = [self.position[layer.output[0]]]
         tensor, bias = layer.output[0], None
-        reader = self.graph.node[self.only_reader_any(tensor)]
+        reader = self.graph.node[self.only_reader(tensor)]
         if reader.op_type == "Add":  # an int32 bias quantized at run time: Div, Floor, Cast
             chain.append(self.position[reader.output[0]])
             bias = self._run_time_bias(reader.input[1] if reader.input[0] == tensor
@@ -174,12 +176,6 @@ class _Chains:
                                         name=layer.name),
                        helper.make_node("Add", [f"{output}_unbiased", bias], [output],
                                         name=f"{layer.name}_bias")]
-
-    def only_reader_any(self, name: str) -> int:
-        readers = self.readers.get(name, [])
-        if len(readers) != 1:
-            raise _NotDynamic(name)
-        return readers[0]
 
     def _weight_scale(self, scale: str, input_scale: str) -> np.ndarray:
         """The constant factor of Mul(input scale, weight scale)."""
