@@ -78,6 +78,9 @@ class ChannelGroup:
     lane_local: bool = False
     """A grouped Conv reads the lanes: each lane is reconstructed from its own kept channels
     only (block-diagonal reconstructions)."""
+    whole_above: int | None = None
+    """For the outputs of a factorized layer (`reconstruction_layers`): kept widths above this
+    cost more than the layer whole, so they keep every channel instead."""
 
     @property
     def step(self) -> int:

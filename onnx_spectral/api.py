@@ -15,11 +15,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from warnings import catch_warnings, simplefilter
 
 import onnx
 
-from onnx_spectral.analysis import Analysis, analyze
 from onnx_spectral.calibration.batches import after, skip, teed
 from onnx_spectral.calibration.collect import (
     BatchRunError,
@@ -28,16 +26,10 @@ from onnx_spectral.calibration.collect import (
     calibrate,
     rank_notes,
 )
-from onnx_spectral.calibration.deployment import deployment_inputs
 from onnx_spectral.calibration.instrument import Instrumented, instrument
 from onnx_spectral.calibration.sources import (
     DataSource,
     FeedDict,
-    SampleStream,
-    fixed_batch_size,
-    model_input_specs,
-    open_calibration,
-    runs_note,
     split_counts,
 )
 from onnx_spectral.calibration.stats_files import (
@@ -45,23 +37,24 @@ from onnx_spectral.calibration.stats_files import (
     Shard,
     TapKey,
     model_fingerprint,
-    saved_for_model,
 )
 from onnx_spectral.calibration.tap_cost import gram_strides
 from onnx_spectral.correction.compensate import compensated_plans, originals_to_keep
 from onnx_spectral.correction.refit import refit_pruned
 from onnx_spectral.cost import ModelCost, model_cost
-from onnx_spectral.errors import OptionsError, UnsupportedGraphError
+from onnx_spectral.errors import OptionsError
 from onnx_spectral.graph import external_tensors
-from onnx_spectral.graph.dequantize import as_float_model
 from onnx_spectral.graph.executor import Executor, LocalExecutor
-from onnx_spectral.graph.if_branch import TakenBranch, take_branch
-from onnx_spectral.graph.model import initializer_inputs_note, load_model, stamp
+from onnx_spectral.graph.model import load_model, stamp
 from onnx_spectral.options import CompressOptions, with_overrides
-from onnx_spectral.quantize import Quantize, model_bytes, quantize_as, quantize_problem
+from onnx_spectral.prepare import Prepared, prepare
+from onnx_spectral.quantize import model_bytes, quantize_as
+from onnx_spectral.reconstruction_layers import (
+    fold_whole_layers,
+)
 from onnx_spectral.report import Report, StageClock, group_reports
 from onnx_spectral.rewrite import rewrite
-from onnx_spectral.selection.budget import budget_costs, check_budget_met, nothing_prunable
+from onnx_spectral.selection.budget import budget_costs, check_budget_met
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
 from onnx_spectral.verify import (
@@ -72,37 +65,6 @@ from onnx_spectral.verify import (
 )
 
 __all__ = ["CompressOptions", "calibrate_statistics", "compress"]
-
-@dataclass(frozen=True)
-class Prepared:
-    """A loaded model, its analysis and its data, opened: what every later step reads.
-
-    `stream`: the calibration data (None with saved statistics and no data). `saved`: saved
-    statistics to select from instead of calibrating. `batch`: samples per ONNX Runtime run.
-    `cost`: the model's size and MACs at the shape it runs at (`deployment_inputs`).
-    `notes`: what the loading did; `warnings`: what the user should act on.
-    `original`: the model pruned; `given`: the model as the user gave it, which the outputs are
-    compared with (they differ for a QDQ-quantized model, pruned as its float model);
-    `quantize`: options.quantize with "auto" decided. `taken`: the If branch `original` is,
-    for a model whose layers are all inside one If (`graph.if_branch`).
-    """
-
-    original: onnx.ModelProto
-    analysis: Analysis
-    stream: SampleStream | None
-    saved: SavedStatistics | None
-    batch: int
-    notes: tuple[str, ...]
-    warnings: tuple[str, ...]
-    cost: ModelCost
-    given: onnx.ModelProto
-    quantize: Quantize
-    taken: TakenBranch | None
-
-    def outer(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        """A pruned `original` as the model to write: back inside its If when `taken`."""
-        return pruned if self.taken is None else self.taken.rewrap(pruned)
-
 
 @dataclass(frozen=True)
 class Corrections:
@@ -162,8 +124,8 @@ def compress(model: str | Path | onnx.ModelProto, calibration_data: DataSource |
     with clock("analyze"):
         prepared = prepare(original, calibration_data, options, statistics)
         options = replace(options, quantize=prepared.quantize)
-        costs = budget_costs(prepared.analysis, prepared.cost, options.plan_options(),
-                             options.require_prunable)
+        costs = budget_costs(prepared.analysis, prepared.analyzed_cost, options.plan_options(),
+                             options.require_prunable, prepared.reference_cost)
     corrections = decide_corrections(prepared, options)
     with clock("workers") if options.ray is not None else nullcontext():
         executor = open_executor(options)
@@ -212,52 +174,6 @@ def open_executor(options: CompressOptions) -> Executor:
     from onnx_spectral.graph.ray_executor import RayExecutor  # the optional 'ray' extra
     return RayExecutor(options.ray, options.ray_workers or None, provider=options.provider,
                        progress=options.progress)
-
-
-def prepare(given: onnx.ModelProto, calibration_data: DataSource | None,
-            options: CompressOptions, statistics: SavedStatistics | str | Path | None = None
-            ) -> Prepared:
-    """Analyze `given` (a QDQ-quantized model as its float model) and open its data (and saved
-    statistics, checked against it).
-
-    Raises UnsupportedGraphError when `require_prunable` and no group can be pruned (under a
-    budget, `budget_costs` does); OptionsError when `quantize` cannot apply.
-    """
-    original, dequantized = as_float_model(given)
-    quantize_mode = options.quantize if options.quantize != "auto" else (
-        "none" if dequantized is None else dequantized.quantize)
-    specs = model_input_specs(original)  # initializers listed as inputs are not data
-    with catch_warnings(record=True) as caught:
-        simplefilter("always")
-        stream = (None if calibration_data is None
-                  else open_calibration(calibration_data, specs, preprocess=options.preprocess,
-                                        seed=options.seed))
-    original, taken = (take_branch(original, stream.peek)  # overridable weights: kept as they are
-                       if stream and options.initializer_inputs == "constant" else (original, None))
-    analysis = analyze(original, options.exclude, initializer_inputs=options.initializer_inputs,
-                       shape_feeds=None if stream is None else stream.peek)
-    if options.require_prunable and not analysis.prunable \
-            and not options.plan_options().budgeted:  # a budget says why (`budget_costs`)
-        raise UnsupportedGraphError(nothing_prunable(analysis))
-    saved = None if statistics is None else saved_for_model(statistics, given, analysis.taps)
-    warnings = [str(warning.message) for warning in caught]
-    notes = tuple(note for note in (initializer_inputs_note(original, options.initializer_inputs),
-                                    None if stream is None else runs_note(specs),
-                                    dequantized and dequantized.note(quantize_mode),
-                                    taken and taken.note()) if note)
-    if saved is not None:
-        warnings.extend(f"statistics lack shard {shard}" for shard in saved.missing_shards())
-    if quantize_mode != "none":
-        problem = quantize_problem(original, options.quantize_exclude) or (
-            None if saved is None else "--quantize needs calibration batches, not saved "
-            "statistics (--stats)" + (" (the input model is QDQ-quantized: --quantize none "
-                                      "writes it in float)" if dequantized else ""))
-        if problem is not None:
-            raise OptionsError(problem)
-    batch = fixed_batch_size(specs) or options.batch_size
-    cost = model_cost(analysis.graph.model, deployment_inputs(specs, options.input_shape, stream))
-    return Prepared(original, analysis, stream, saved, batch, notes, tuple(warnings), cost,
-                    given, quantize_mode, taken)
 
 
 def decide_corrections(prepared: Prepared, options: CompressOptions) -> Corrections:
@@ -345,14 +261,15 @@ def correct(prepared: Prepared, compressed: onnx.ModelProto, planned: Sequence[P
             calibrated: Calibrated, options: CompressOptions, corrections: Corrections,
             executor: Executor | None = None) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """Refit the layers downstream of the pruning (passes on `executor`'s workers) when
-    `corrections` say so; and its notes."""
+    `corrections` say so, then fold back the reconstruction layers of groups kept whole; and
+    the refit's notes."""
     if not (corrections.refit and calibrated.first_batches):
-        return compressed, ()
+        return fold_whole_layers(compressed, prepared.layers), ()
     refitted, notes = refit_pruned(prepared.analysis, compressed, [item.plan for item in planned],
                                    calibrated.first_batches, options.provider,
                                    options.refit_features,
                                    executor=executor or LocalExecutor(options.progress))
-    return refitted, tuple(notes)
+    return fold_whole_layers(refitted, prepared.layers), tuple(notes)
 
 
 def quantize(compressed: onnx.ModelProto, calibrated: Calibrated, options: CompressOptions
@@ -442,4 +359,4 @@ def _instrumented(prepared: Prepared, options: CompressOptions) -> Instrumented:
     analysis = prepared.analysis
     return instrument(analysis.graph, analysis.taps,
                       gram_strides(analysis.graph, analysis.taps, options.gram_budget,
-                                   options.calib_samples, prepared.cost))
+                                   options.calib_samples, prepared.analyzed_cost))

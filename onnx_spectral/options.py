@@ -23,6 +23,7 @@ from onnx_spectral.errors import OptionsError
 from onnx_spectral.graph.model import InitializerInputs
 from onnx_spectral.graph.sessions import Provider
 from onnx_spectral.quantize import Quantize, QuantizeFormat, QuantizeMethod
+from onnx_spectral.reconstruction_layers import ReconstructionLayers
 from onnx_spectral.selection.baselines import Selection
 from onnx_spectral.selection.plan import PlanOptions
 from onnx_spectral.selection.widths import Allocation
@@ -165,6 +166,11 @@ class CompressOptions:
         "constant", "initializers also listed as graph inputs (the IR-3 convention of older "
         "exporters): 'constant' treats them as weights (the output lists them as initializers "
         "only); 'input' keeps them overridable and leaves the layers that read them whole")
+    reconstruction_layers: ReconstructionLayers = option(
+        "auto", "a Conv/Gemm/MatMul with more inputs than outputs whose outputs cannot be pruned "
+        "(they feed a LayerNorm, a reduction, a graph output) may compute fewer outputs and "
+        "rebuild the rest with an added layer: 'auto' for layers with a tenth of the MACs or more, "
+        "'all', or 'none'")
     round_to: int = option(0, "round kept widths up to a multiple of this; 0: 8 for widths of "
                            "32 or more in groups of 64 channels or more, else 1 (ONNX Runtime's "
                            "CPU convolutions run faster on multiples of 8)",

@@ -19,7 +19,7 @@ MAX_LINES = 450
 STAGES: tuple[tuple[str, ...], ...] = (
     ("graph/", "errors.py"),
     ("ops/",),
-    ("analysis.py", "cost.py"),
+    ("analysis.py", "cost.py", "reconstruction_layers.py"),
     ("calibration/",),
     ("selection/",),
     ("rewrite.py",),  # applies plans: compensation rewrites between its passes, refit after
@@ -27,7 +27,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("quantize.py",),  # the model written, quantized after the corrections
     ("verify.py",),
     ("report.py", "plots.py"),
-    ("options.py", "api.py", "cli.py", "__init__.py"),
+    ("options.py", "prepare.py", "api.py", "cli.py", "__init__.py"),
 )
 
 

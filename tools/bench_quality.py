@@ -161,7 +161,9 @@ def shared_stages(task: Task) -> Stages:
     calibrated = shared_statistics(prepared, options, keep_batches=True)
     calibrated_at = time.perf_counter()
     cost = prepared.cost  # at the shape the model runs at, as compress counts
-    return Stages(prepared, calibrated, group_costs(prepared.analysis, cost), options, cost.macs,
+    return Stages(prepared, calibrated,
+                  group_costs(prepared.analysis, prepared.analyzed_cost, prepared.reference_cost),
+                  options, cost.macs,
                   {"calibration": calibrated_at - start})
 
 

@@ -33,9 +33,11 @@ def nothing_prunable(analysis: Analysis,
 
 
 def budget_costs(analysis: Analysis, cost: ModelCost, plan_options: PlanOptions,
-                 require_prunable: bool) -> GroupCosts | None:
+                 require_prunable: bool, reference: ModelCost | None = None
+                 ) -> GroupCosts | None:
     """The cost model of the group widths under a flops/params budget (None without one),
-    once it is known that the budget can be met: before any calibration.
+    once it is known that the budget can be met: before any calibration. `cost`: the analyzed
+    model's; `reference`: the cost budgets are fractions of, when not `cost` (`group_costs`).
 
     Raises:
         OptionsError: the MACs (under `flops`) are not known at the shape the model runs at,
@@ -75,7 +77,7 @@ def budget_costs(analysis: Analysis, cost: ModelCost, plan_options: PlanOptions,
             f"{name} {fraction} cannot be met: the model keeps 100% of its {what}; "
             + nothing_prunable(analysis, "--ratio 1 with --allow-unchanged writes "
                                 "it unchanged"))
-    costs = group_costs(analysis, cost)
+    costs = group_costs(analysis, cost, reference)
     check_budget(costs.macs if flops else costs.params, fraction, plan_options.round_to,
                  plan_options.min_keep, name)
     return costs

@@ -77,10 +77,13 @@ class GroupCosts:
     params: CostModel
 
 
-def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts:
+def group_costs(analysis: Analysis, cost: ModelCost | None = None,
+                reference: ModelCost | None = None) -> GroupCosts:
     """Cost models of `analysis.graph.model` over its base groups (`Analysis.base_groups`).
 
-    `cost`: the model's `model_cost` when the caller already has it.
+    `cost`: the model's `model_cost` when the caller already has it. `reference`: the cost that
+    budgets are fractions of, when it is not the model's at full width (reconstruction layers
+    were added to it; `CostModel.reference`).
     """
     graph = analysis.graph
     groups = analysis.base_groups
@@ -129,8 +132,10 @@ def group_costs(analysis: Analysis, cost: ModelCost | None = None) -> GroupCosts
     blocks = np.array([group.step for group in groups], dtype=np.int64)
     return GroupCosts(
         groups=groups,
-        macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms), blocks),
-        params=CostModel(sizes, float(cost.params - varying_params), tuple(param_terms), blocks),
+        macs=CostModel(sizes, float(cost.macs) - varying_macs, tuple(mac_terms), blocks,
+                       None if reference is None else float(reference.macs)),
+        params=CostModel(sizes, float(cost.params - varying_params), tuple(param_terms), blocks,
+                         None if reference is None else float(reference.params)),
     )
 
 

@@ -215,8 +215,19 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
     """Widths ([G], over `analysis.base_groups`) and the greedy paths computed on the way.
 
     Without a budget every group keeps `ratio` of its channels; with `flops`/`params` the
-    allocation meets the budget on the cost model `costs` (required then).
+    allocation meets the budget on the cost model `costs` (required then). A factorized group
+    (`ChannelGroup.whole_above`) wider than its limit keeps every channel: that costs less.
     """
+    widths, paths = _allocation(analysis, statistics, options, costs)
+    return np.array([group.channels if group.whole_above is not None
+                     and width > group.whole_above else width
+                     for group, width in zip(analysis.base_groups, widths, strict=True)],
+                    dtype=np.int64), paths
+
+
+def _allocation(analysis: Analysis, statistics: Statistics, options: PlanOptions,
+                costs: GroupCosts | None) -> tuple[np.ndarray, dict[int, GreedyPath]]:
+    """`allocate_widths` before factorized groups above their `whole_above` are made whole."""
     groups = analysis.base_groups
     paths: dict[int, GreedyPath] = {}
     if not options.budgeted:
@@ -227,7 +238,7 @@ def allocate_widths(analysis: Analysis, statistics: Statistics, options: PlanOpt
     model = costs.macs if options.flops is not None else costs.params
     fraction = options.flops if options.flops is not None else options.params
     assert fraction is not None
-    budget = fraction * model.full
+    budget = model.budget(fraction)
     steps = (options.round_to, options.min_keep)
     if options.allocation == "uniform":
         return allocate_uniform(model, budget, *steps), paths

@@ -73,6 +73,9 @@ class CostModel:
     terms: tuple[CostTerm, ...]
     blocks: np.ndarray | None = None
     """int64 ``[G]``: a group's width is a multiple of its block (attention heads); None: 1."""
+    reference: float | None = None
+    """The cost a budget's fraction is of: the model's before reconstruction layers were added
+    (`reconstruction_layers`), which `full` counts at full width; None: `full`."""
 
     def block(self, group: int) -> int:
         return 1 if self.blocks is None else int(self.blocks[group])
@@ -86,6 +89,10 @@ class CostModel:
     def full(self) -> float:
         """Cost at full width."""
         return self(self.sizes)
+
+    def budget(self, fraction: float) -> float:
+        """The largest cost a budget of `fraction` allows."""
+        return fraction * (self.full if self.reference is None else self.reference)
 
     @cached_property
     def _stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -230,7 +237,7 @@ def _check_budget(cost: CostModel, budget: float, floor: np.ndarray,
     they cost more than `budget`."""
     if cost(floor) <= budget:
         return
-    full = max(cost.full, np.finfo(np.float64).tiny)
+    full = max(cost.budget(1.0), np.finfo(np.float64).tiny)
     raise OptionsError(
         f"{name} {budget / full:.4g} cannot be met: even the narrowest widths allowed "
         f"(--min-keep/--round-to) keep {cost(floor) / full:.4f} of the cost, and "
@@ -241,10 +248,10 @@ def _check_budget(cost: CostModel, budget: float, floor: np.ndarray,
 
 def check_budget(cost: CostModel, fraction: float, round_to: int = 1, min_keep: int = 1,
                  name: str = "the budget") -> None:
-    """Raise OptionsError when no widths keep at most `fraction` of ``cost.full`` (`name`:
-    the option, for the message)."""
+    """Raise OptionsError when no widths keep at most `fraction` of the cost (``cost.budget``;
+    `name`: the option, for the message)."""
     _check(cost.sizes, round_to, min_keep)
-    _check_budget(cost, fraction * cost.full, _minimum(cost, round_to, min_keep), name)
+    _check_budget(cost, cost.budget(fraction), _minimum(cost, round_to, min_keep), name)
 
 
 def allocate_uniform(cost: CostModel, budget: float, round_to: int = 1,
