@@ -47,6 +47,7 @@ from onnx_spectral.graph.if_branch import layers_only_in_if
 from onnx_spectral.graph.model import load_model
 from onnx_spectral.options import Terms, check_values, choices, field_types, option_specs
 from onnx_spectral.plots import require_matplotlib, write_plots
+from onnx_spectral.reconstruction_layers import add_reconstruction_layers
 from onnx_spectral.report import analysis_dict, format_analysis, format_seconds
 
 EXIT_CODES: dict[type[SpectralError], int] = {
@@ -186,7 +187,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
                      description="List the channel groups of a model.")
     parser.add_argument("input", type=Path, help="model to analyze (.onnx)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _add_options(parser, ["exclude", "input_shape"])
+    _add_options(parser, ["exclude", "input_shape", "reconstruction_layers"])
     return parser
 
 
@@ -284,16 +285,21 @@ def _check_writable(path: Path) -> None:
 def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
     args = _analyze_parser().parse_args(argv)
     model = load_model(args.input)
-    analysis = analyze(as_float_model(model)[0], args.exclude)  # the groups compress prunes
+    pruned = as_float_model(model)[0]  # the groups compress prunes, and their MACs
     options = _options(args)
     shapes = dict(options.input_shape)
     if "" in shapes:  # a shape without a name: the single input's
         shapes = _single_input_shape(model, shapes.pop(""))
-    cost = model_cost(model, shapes or None)
+    cost = model_cost(pruned, shapes or None)
+    analysis, layers = add_reconstruction_layers(
+        analyze(pruned, args.exclude), cost, options.reconstruction_layers,
+        lambda layered: analyze(layered, args.exclude))
     if args.json:
         print(json.dumps(analysis_dict(analysis, cost), indent=2))
     else:
         print(format_analysis(analysis, cost))
+        for layer in layers:
+            print(f"note: {layer.note()}")
         holder = layers_only_in_if(model)
         if holder is not None:
             print(f"note: the layers are all inside If node '{model.graph.node[holder].name}': "

@@ -169,8 +169,8 @@ class CompressOptions:
     reconstruction_layers: ReconstructionLayers = option(
         "auto", "a Conv/Gemm/MatMul with more inputs than outputs whose outputs cannot be pruned "
         "(they feed a LayerNorm, a reduction, a graph output) may compute fewer outputs and "
-        "rebuild the rest with an added layer: 'auto' for layers with a tenth of the MACs or more, "
-        "'all', or 'none'")
+        "rebuild the rest with an added layer: 'auto' for layers with a tenth of the MACs or more "
+        "whose outputs reach no graph output, 'all', or 'none'")
     round_to: int = option(0, "round kept widths up to a multiple of this; 0: 8 for widths of "
                            "32 or more in groups of 64 channels or more, else 1 (ONNX Runtime's "
                            "CPU convolutions run faster on multiples of 8)",

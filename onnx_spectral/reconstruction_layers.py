@@ -35,8 +35,8 @@ ReconstructionLayers = Literal["auto", "all", "none"]
 RECONSTRUCTION_LAYERS: tuple[ReconstructionLayers, ...] = ("auto", "all", "none")
 
 AUTO_MIN_SHARE = 0.1
-"""With "auto", only layers holding at least this share of the model's MACs are factorized: a
-small classifier head saves little and its outputs are the model's answer."""
+"""With "auto", only layers holding at least this share of the model's MACs are factorized (a
+small layer saves little), and none whose outputs reach a graph output (the model's answer)."""
 
 _PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -63,13 +63,15 @@ class ReconstructionLayer:
                 f"{self.whole_above} kept outputs (wider, it is folded back)")
 
 
-def _candidates(analysis: Analysis, cost: ModelCost, min_share: float
+def _candidates(analysis: Analysis, cost: ModelCost, mode: ReconstructionLayers
                 ) -> list[tuple[onnx.NodeProto, int, int]]:
-    """Producers of frozen groups worth factorizing: (node, C, whole_above)."""
+    """Producers of frozen groups worth factorizing under `mode`: (node, C, whole_above)."""
     graph = analysis.graph
+    min_share = AUTO_MIN_SHARE if mode == "auto" else 0.0
     found = []
     for group in analysis.groups:
-        if group.prunable or group.parts:
+        if group.prunable or group.parts or (
+                mode == "auto" and graph.graph_outputs.intersection(group.tensors)):
             continue
         for name in group.producers:
             node = graph.nodes_by_name[name]
@@ -135,13 +137,14 @@ def add_reconstruction_layers(analysis: Analysis, cost: ModelCost, mode: Reconst
                               ) -> tuple[Analysis, tuple[ReconstructionLayer, ...]]:
     """`analysis` of the model with reconstruction layers after the producers of its frozen
     groups that `mode` selects ("auto": those with `AUTO_MIN_SHARE` of the MACs in `cost`, the
-    model's; "all"; "none"), keeping only the layers whose producer then is prunable.
+    model's, that reach no graph output; "all"; "none"), keeping only the layers whose
+    producer then is prunable.
 
     `reanalyze`: the analysis of a model (with the caller's options).
     """
     if mode == "none":
         return analysis, ()
-    candidates = _candidates(analysis, cost, AUTO_MIN_SHARE if mode == "auto" else 0.0)
+    candidates = _candidates(analysis, cost, mode)
     while candidates:
         model, layers = _with_layers(analysis.graph, candidates)
         layered = reanalyze(model)

@@ -70,17 +70,17 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-@pytest.mark.parametrize(("build", "shape", "axis", "added", "dims"), [
-    (_gemm_into_layer_norm, (FEATURES,), 0, "Gemm", [8, OUTPUTS]),  # B [kept, outputs]
-    (_conv_into_channel_mean, (8, 6, 6), 0, "Conv", [12, 6, 1, 1]),  # W [outputs, kept, 1, 1]
-    (_matmul_into_output, (5, FEATURES), -1, "MatMul", [8, OUTPUTS]),
+@pytest.mark.parametrize(("build", "shape", "axis", "added", "dims", "mode"), [
+    (_gemm_into_layer_norm, (FEATURES,), 0, "Gemm", [8, OUTPUTS], "auto"),  # B [kept, outputs]
+    (_conv_into_channel_mean, (8, 6, 6), 0, "Conv", [12, 6, 1, 1], "auto"),  # W [out, kept, 1, 1]
+    (_matmul_into_output, (5, FEATURES), -1, "MatMul", [8, OUTPUTS], "all"),
 ])
 def test_a_frozen_wide_layer_computes_half_its_outputs_and_rebuilds_the_rest(
-        build, shape, axis, added, dims) -> None:
+        build, shape, axis, added, dims, mode) -> None:
     model = build()
     data = _low_rank_data(shape, axis)
     pruned, report = compress(model, data, ratio=0.5, round_to=1, calib_samples=192,
-                              verify_samples=64)
+                              verify_samples=64, reconstruction_layers=mode)
     onnx.checker.check_model(pruned, full_check=True)
     layer = next(node for node in pruned.graph.node if node.name == "wide/reconstruction")
     assert layer.op_type == added
@@ -153,8 +153,9 @@ def test_no_layer_where_none_is_asked_for_or_it_cannot_save(model, mode) -> None
     assert "wide" not in [layer.producer for layer in layers]
 
 
-def test_auto_leaves_a_small_head_alone() -> None:
-    """'head' (16 -> 4, frozen as a graph output) holds under a tenth of the MACs."""
+def test_auto_leaves_small_layers_and_graph_outputs_alone() -> None:
+    """'head' (16 -> 4, frozen as a graph output) holds under a tenth of the MACs; 'wide' in
+    `_matmul_into_output` writes the graph output."""
     analysis = analyze(_gemm_into_layer_norm(features=400))
     _, layers = add_reconstruction_layers(analysis, model_cost(analysis.graph.model), "auto",
                                           analyze)
@@ -162,3 +163,6 @@ def test_auto_leaves_a_small_head_alone() -> None:
     _, every = add_reconstruction_layers(analysis, model_cost(analysis.graph.model), "all",
                                          analyze)
     assert [layer.producer for layer in every] == ["wide", "head"]
+    output = analyze(_matmul_into_output())
+    assert add_reconstruction_layers(output, model_cost(output.graph.model), "auto",
+                                     analyze)[1] == ()
