@@ -153,17 +153,16 @@ def _fidelity(loaded: Loaded, changed: onnx.ModelProto) -> tuple[float, str]:
 
 def _groups(model: onnx.ModelProto, feeds: Feeds, side: Side) -> None:
     """Set the (prunable, frozen) group counts and the frozen reasons by count of `side` from
-    `analyze` of the model compress analyzes (a QDQ model's float model, the If branch `feeds`
-    take, shapes it cannot infer from `feeds`); an analysis that fails
-    is noted in `side.analysis_error` (and its traceback kept unless it is a SpectralError)."""
-    from onnx_spectral.analysis import analyze
+    the analysis compress makes (`prepare`: a quantized model's float model, the If branch
+    `feeds` take, reconstruction layers, shapes it cannot infer from `feeds`); an analysis that
+    fails is noted in `side.analysis_error` (and its traceback kept unless it is a
+    SpectralError)."""
     from onnx_spectral.errors import SpectralError
-    from onnx_spectral.graph.dequantize import as_float_model
-    from onnx_spectral.graph.if_branch import take_branch
+    from onnx_spectral.options import CompressOptions
+    from onnx_spectral.prepare import prepare
 
     try:
-        analyzed = take_branch(as_float_model(model)[0], lambda: feeds)[0]
-        analysis = analyze(analyzed, shape_feeds=feeds)
+        analysis = prepare(model, feeds, CompressOptions(require_prunable=False)).analysis
     except SpectralError as error:
         side.analysis_error = first_line(error)
         return
