@@ -206,6 +206,7 @@ def fold_whole_layers(model: onnx.ModelProto, layers: Sequence[ReconstructionLay
     values: dict[str, np.ndarray] = {}
     dropped: set[str] = set()
     renamed: dict[str, str] = {}
+    between: set[str] = set()
     for layer in layers:
         added = graph.nodes_by_name.get(layer.node)
         producer = graph.nodes_by_name.get(layer.producer)
@@ -230,7 +231,8 @@ def fold_whole_layers(model: onnx.ModelProto, layers: Sequence[ReconstructionLay
             values[f"{layer.producer}/bias"] = total.astype(weight.dtype)
         dropped.add(layer.node)
         renamed[layer.producer] = layer.output
-    return _apply_folds(folded, values, dropped, renamed)
+        between.add(layer.kept)
+    return _apply_folds(folded, values, dropped, renamed, between)
 
 
 def _layer_matrix(graph: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
@@ -243,8 +245,9 @@ def _layer_matrix(graph: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
 
 
 def _apply_folds(model: onnx.ModelProto, values: dict[str, np.ndarray], dropped: set[str],
-                 renamed: dict[str, str]) -> onnx.ModelProto:
-    """Write the folded weights and biases, drop the folded layers, and let each producer write
+                 renamed: dict[str, str], between: set[str]) -> onnx.ModelProto:
+    """Write the folded weights and biases, drop the folded layers (and the shapes of the tensors
+    `between` producer and layer), and let each producer write
     its layer's output again."""
     graph = model.graph
     for node in graph.node:
@@ -268,7 +271,6 @@ def _apply_folds(model: onnx.ModelProto, values: dict[str, np.ndarray], dropped:
     tensors += [numpy_helper.from_array(value, name) for name, value in values.items()]
     del graph.initializer[:]
     graph.initializer.extend(tensors)
-    between = {f"{output}/kept" for output in renamed.values()}
     shapes = [value for value in graph.value_info if value.name not in between]
     del graph.value_info[:]
     graph.value_info.extend(shapes)
