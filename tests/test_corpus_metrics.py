@@ -83,7 +83,7 @@ def test_count_params_reads_initializers_constants_and_constant_of_shape() -> No
 
 
 def test_corpus_row_and_summary_name_outcomes_and_budget_losses() -> None:
-    from tools.corpus_coverage import Side, format_corpus_row, summary
+    from tools.corpus_coverage import Row, Side, format_corpus_row, summary
 
     spectral = Side("compressed", macs=(1000, 480), report_macs=(900, 450), params=(10, 4),
                     groups=(3, 1), reasons={"read by Softmax node '*'": 1}, fidelity=0.9,
@@ -91,10 +91,34 @@ def test_corpus_row_and_summary_name_outcomes_and_budget_losses() -> None:
     onnxsim = Side("pruned", macs=(1000, 500), params=(10, 5), fidelity=0.5,
                    fidelity_text="cosine 0.5000", seconds=1.0)
     refused = Side("refused", "GraphError: node 'n1': no channel group", groups=(0, 2))
-    row = format_corpus_row("m", spectral, onnxsim)
+    row = format_corpus_row(Row("m", spectral, onnxsim))
     assert "1.0k -> 0.5k (48.0%; report 50.0%)" in row and "valid, MACs 50.0%" in row
-    assert "refused: GraphError: node 'n1'" in format_corpus_row("r", refused, Side("failed"))
-    text = summary([("m", spectral, onnxsim), ("r", refused, Side("failed"))], 0.5)
+    assert row.endswith("| - |")
+    assert "refused: GraphError: node 'n1'" in format_corpus_row(
+        Row("r", refused, Side("failed")))
+    text = summary([Row("m", spectral, onnxsim), Row("r", refused, Side("failed"))], 0.5)
     assert "2 models: 1 compressed, 1 refused" in text
     assert "lose >= 25% of the MACs at --flops 0.5: 1 (m)" in text
+    assert "valid smaller model: 1; onnx-spectral keeps no more MACs with at least its " \
+        "fidelity on 1" in text
     assert "m: MACs kept onnx-spectral 48.0% vs onnxsim 50.0%; fidelity 90.0% vs 50.0%" in text
+
+
+def test_corpus_compares_at_onnxsims_macs_where_onnxsim_keeps_fewer() -> None:
+    from tools.corpus_coverage import Row, Side, format_corpus_row, matched_budget, summary
+
+    spectral = Side("compressed", macs=(1000, 500), fidelity=0.9, fidelity_text="cosine 0.9")
+    onnxsim = Side("pruned", macs=(1000, 490), fidelity=0.8, fidelity_text="cosine 0.8")
+    budget = matched_budget(0.5, spectral, onnxsim)
+    assert budget is not None and abs(budget - 0.5 * 0.98 * 0.999) < 1e-12
+    assert matched_budget(0.5, Side("compressed", macs=(1000, 480)), onnxsim) is None
+    assert matched_budget(0.5, spectral, Side("failed", macs=(1000, 400))) is None
+    behind = Side("compressed", macs=(1000, 489), fidelity=0.7, fidelity_text="cosine 0.7")
+    text = summary([Row("m", spectral, onnxsim, behind)], 0.5)
+    assert "fidelity on 0" in text
+    assert "m: MACs kept onnx-spectral (at onnxsim's MACs) 48.9% vs onnxsim 49.0%; fidelity " \
+        "70.0% vs 80.0%  <- onnxsim ahead" in text
+    assert format_corpus_row(Row("m", spectral, onnxsim, behind)).endswith(
+        "| MACs 48.9%, cosine 0.7 |")
+    ahead = Side("compressed", macs=(1000, 489), fidelity=0.85)
+    assert "fidelity on 1" in summary([Row("m", spectral, onnxsim, ahead)], 0.5)

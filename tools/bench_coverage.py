@@ -283,13 +283,13 @@ def corpus_table(names: list[str], settings: Settings, markdown: str | None,
         folder = Path(results or scratch)
         found = (read_results(names, folder) if render
                  else run_corpus(names, settings, folder))
-        for name, spectral, onnxsim in found:
-            rows.append((name, spectral, onnxsim))
-            print(format_corpus_row(name, spectral, onnxsim), flush=True)
+        for row in found:
+            rows.append(row)
+            print(format_corpus_row(row), flush=True)
     text = summary(rows, settings.flops)
     print("\n" + text + "\n\n" + tracebacks(rows), flush=True)
     if markdown:
-        table = "\n".join([CORPUS_HEADER, *(format_corpus_row(*row) for row in rows)])
+        table = "\n".join([CORPUS_HEADER, *(format_corpus_row(row) for row in rows)])
         Path(markdown).write_text(f"{table}\n\n```\n{text}\n```\n")
 
 

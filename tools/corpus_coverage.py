@@ -254,11 +254,15 @@ class Settings:
     onnxsim_timeout: float = 150.0
 
 
-def run_side(side: str, name: str, settings: Settings, scratch: Path) -> Side:
-    """One worker process; a timeout or a crash becomes the row's outcome."""
-    out = scratch / f"{name}.{side}.json"
+def run_side(side: str, name: str, settings: Settings, scratch: Path,
+             flops: float | None = None, tag: str | None = None) -> Side:
+    """One worker process at `flops` (the settings' by default), its result kept in
+    ``NAME.TAG.json`` (TAG = `side` by default); a timeout or a crash becomes the row's
+    outcome."""
+    out = scratch / f"{name}.{tag or side}.json"
     limit = settings.spectral_timeout if side == "spectral" else settings.onnxsim_timeout
-    command = [sys.executable, "-m", "tools.corpus_coverage", side, name, str(settings.flops),
+    budget = settings.flops if flops is None else flops
+    command = [sys.executable, "-m", "tools.corpus_coverage", side, name, str(budget),
                str(settings.calib), str(settings.verify), str(settings.test), str(limit),
                str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -290,22 +294,52 @@ def read_side(path: Path) -> Side:
     return Side(**fields)
 
 
-def read_results(names: list[str], folder: Path) -> Iterator[tuple[str, Side, Side]]:
+@dataclass(frozen=True)
+class Row:
+    """One model's results: onnx-spectral at the budget, onnxsim at the budget, and, where
+    onnxsim's valid model keeps fewer MACs than onnx-spectral's, onnx-spectral again at
+    onnxsim's MACs (`matched`; None otherwise)."""
+
+    name: str
+    spectral: Side
+    onnxsim: Side
+    matched: Side | None = None
+
+
+def matched_budget(flops: float, spectral: Side, onnxsim: Side) -> float | None:
+    """The budget at which onnx-spectral keeps no more MACs (by count_macs) than onnxsim's
+    valid model, when onnxsim kept fewer than onnx-spectral did at `flops`; None otherwise.
+
+    The budget is a fraction of onnx-spectral's own cost model, so it is scaled by the ratio
+    of the two MAC fractions measured by count_macs (0.1% lower, for rounding)."""
+    ours, theirs = spectral.macs_kept, onnxsim.macs_kept
+    if (spectral.outcome != "compressed" or onnxsim.outcome != "pruned" or ours is None
+            or theirs is None or theirs >= ours):
+        return None
+    return flops * theirs / ours * 0.999
+
+
+def read_results(names: list[str], folder: Path) -> Iterator[Row]:
     """The rows of earlier runs whose worker results lie in `folder` (a missing side reads as
     "not run")."""
     for name in names:
-        spectral, onnxsim = (folder / f"{name}.{side}.json" for side in ("spectral", "onnxsim"))
-        yield (name, read_side(spectral) if spectral.is_file() else Side("not run"),
-               read_side(onnxsim) if onnxsim.is_file() else Side("not run"))
+        spectral, onnxsim, matched = (folder / f"{name}.{tag}.json"
+                                      for tag in ("spectral", "onnxsim", "matched"))
+        yield Row(name, read_side(spectral) if spectral.is_file() else Side("not run"),
+                  read_side(onnxsim) if onnxsim.is_file() else Side("not run"),
+                  read_side(matched) if matched.is_file() else None)
 
 
-def run_corpus(names: list[str], settings: Settings, scratch: Path
-               ) -> Iterator[tuple[str, Side, Side]]:
-    """(name, onnx-spectral side, onnxsim side) of each model, as they finish."""
+def run_corpus(names: list[str], settings: Settings, scratch: Path) -> Iterator[Row]:
+    """Each model's row, as they finish."""
     scratch.mkdir(parents=True, exist_ok=True)
     for name in names:
-        yield (name, run_side("spectral", name, settings, scratch),
-               run_side("onnxsim", name, settings, scratch))
+        spectral = run_side("spectral", name, settings, scratch)
+        onnxsim = run_side("onnxsim", name, settings, scratch)
+        budget = matched_budget(settings.flops, spectral, onnxsim)
+        matched = (None if budget is None
+                   else run_side("spectral", name, settings, scratch, budget, "matched"))
+        yield Row(name, spectral, onnxsim, matched)
 
 
 def _pct(value: float | None) -> str:
@@ -329,8 +363,18 @@ def outcome_text(side: Side) -> str:
     return f"{side.outcome}: {side.message}".replace("|", "/")[:300]
 
 
-def format_corpus_row(name: str, spectral: Side, onnxsim: Side) -> str:
+def matched_text(matched: Side | None) -> str:
+    """The cell of onnx-spectral's run at onnxsim's MACs: MACs kept and fidelity."""
+    if matched is None:
+        return "-"
+    if matched.outcome != "compressed":
+        return outcome_text(matched)[:200]
+    return f"MACs {_pct(matched.macs_kept)}, {matched.fidelity_text}"
+
+
+def format_corpus_row(row: Row) -> str:
     """One markdown table row (see CORPUS_HEADER)."""
+    spectral, onnxsim = row.spectral, row.onnxsim
     groups = ("-" if spectral.groups is None else f"{spectral.groups[0]} / {spectral.groups[1]}")
     if spectral.analysis_error:
         groups = f"analyze: {spectral.analysis_error}".replace("|", "/")[:200]
@@ -341,42 +385,59 @@ def format_corpus_row(name: str, spectral: Side, onnxsim: Side) -> str:
                 f"({_kept(spectral.macs)}; report {_kept(spectral.report_macs)})")
     sim_macs = "-" if not onnxsim.macs else _kept(onnxsim.macs)
     sim = outcome_text(onnxsim).replace("pruned", "valid", 1)[:200]
-    cells = [name, outcome_text(spectral), groups, reasons.replace("|", "/")[:400] or "-", macs,
+    cells = [row.name, outcome_text(spectral), groups, reasons.replace("|", "/")[:400] or "-", macs,
              _kept(spectral.params), spectral.fidelity_text or "-", f"{spectral.seconds:.0f}",
              f"{sim}, MACs {sim_macs}, params {_kept(onnxsim.params)}",
-             onnxsim.fidelity_text or "-", f"{onnxsim.seconds:.0f}"]
+             onnxsim.fidelity_text or "-", f"{onnxsim.seconds:.0f}",
+             matched_text(row.matched)]
     return "| " + " | ".join(cells) + " |"
 
 
 CORPUS_HEADER = (
     "| model | onnx-spectral outcome | groups prunable / frozen | frozen reasons (count) | "
     "MACs at calib shape (kept; report's) | params kept | fidelity | s | onnxsim 0.8.1 | "
-    "onnxsim fidelity | s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    "onnxsim fidelity | s | onnx-spectral at onnxsim's MACs |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def summary(rows: list[tuple[str, Side, Side]], flops: float) -> str:
+def versus_onnxsim(row: Row) -> tuple[bool, str]:
+    """Whether onnx-spectral keeps no more MACs than onnxsim's valid model with at least its
+    fidelity (at onnxsim's MACs where that run was made), and the line that says so."""
+    ours = row.matched or row.spectral
+    theirs = row.onnxsim
+    ahead = (ours.macs_kept is not None and theirs.macs_kept is not None
+             and ours.macs_kept <= theirs.macs_kept + 1e-9 and ours.fidelity is not None
+             and (theirs.fidelity is None or ours.fidelity >= theirs.fidelity))
+    at = " (at onnxsim's MACs)" if row.matched else ""
+    return ahead, (f"  {row.name}: MACs kept onnx-spectral{at} {_pct(ours.macs_kept)} vs "
+                   f"onnxsim {_pct(theirs.macs_kept)}; fidelity {_pct(ours.fidelity)} vs "
+                   f"{_pct(theirs.fidelity)}{'' if ahead else '  <- onnxsim ahead'}")
+
+
+def summary(rows: list[Row], flops: float) -> str:
     """Counts of outcomes, of models losing >= 25% of the MACs, and the onnxsim comparison."""
-    outcomes = Counter(spectral.outcome for _, spectral, _ in rows)
-    losing = [name for name, spectral, _ in rows
-              if spectral.macs_kept is not None and spectral.macs_kept <= 0.75]
+    outcomes = Counter(row.spectral.outcome for row in rows)
+    losing = [row.name for row in rows
+              if row.spectral.macs_kept is not None and row.spectral.macs_kept <= 0.75]
     lines = [f"{len(rows)} models: " + ", ".join(f"{count} {kind}"
                                                 for kind, count in outcomes.most_common()),
              f"lose >= 25% of the MACs at --flops {flops}: {len(losing)} ({', '.join(losing)})"]
-    smaller = [(name, spectral, sim) for name, spectral, sim in rows
-               if sim.outcome == "pruned" and sim.macs_kept is not None and sim.macs_kept < 0.99]
-    lines.append(f"onnxsim writes a valid smaller model: {len(smaller)}")
-    for name, spectral, sim in smaller:
-        lines.append(f"  {name}: MACs kept onnx-spectral {_pct(spectral.macs_kept)} vs onnxsim "
-                     f"{_pct(sim.macs_kept)}; fidelity {_pct(spectral.fidelity)} vs "
-                     f"{_pct(sim.fidelity)}")
+    smaller = [row for row in rows if row.onnxsim.outcome == "pruned"
+               and row.onnxsim.macs_kept is not None and row.onnxsim.macs_kept < 0.99]
+    compared = [versus_onnxsim(row) for row in smaller]
+    lines.append(f"onnxsim writes a valid smaller model: {len(smaller)}; onnx-spectral keeps no "
+                 f"more MACs with at least its fidelity on "
+                 f"{sum(ahead for ahead, _ in compared)}")
+    lines.extend(line for _, line in compared)
     return "\n".join(lines)
 
 
-def tracebacks(rows: list[tuple[str, Side, Side]]) -> str:
-    """Every internal error's traceback, by model."""
-    return "\n".join(f"--- {name}: {spectral.message}\n{spectral.traceback}"
-                     for name, spectral, _ in rows
-                     if spectral.traceback)
+def tracebacks(rows: list[Row]) -> str:
+    """Every internal error's traceback, by model (its run at onnxsim's MACs included)."""
+    return "\n".join(f"--- {row.name}{label}: {side.message}\n{side.traceback}"
+                     for row in rows
+                     for label, side in (("", row.spectral), (" at onnxsim's MACs", row.matched))
+                     if side is not None and side.traceback)
 
 
 if __name__ == "__main__":
