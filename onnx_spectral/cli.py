@@ -16,6 +16,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -295,7 +296,9 @@ def _run_analyze(argv: Sequence[str], outputs: _Outputs) -> int:
         analyze(pruned, args.exclude), cost, options.reconstruction_layers,
         lambda layered: analyze(layered, args.exclude))
     if args.json:
-        print(json.dumps(analysis_dict(analysis, cost), indent=2))
+        added = [{**asdict(layer), "note": layer.note()} for layer in layers]
+        print(json.dumps({**analysis_dict(analysis, cost), "reconstruction_layers": added},
+                         indent=2))
     else:
         print(format_analysis(analysis, cost))
         for layer in layers:

@@ -166,3 +166,20 @@ def test_auto_leaves_small_layers_and_graph_outputs_alone() -> None:
     output = analyze(_matmul_into_output())
     assert add_reconstruction_layers(output, model_cost(output.graph.model), "auto",
                                      analyze)[1] == ()
+
+
+def test_analyze_lists_the_reconstruction_layers_in_text_and_json(tmp_path, capsys) -> None:
+    import json
+
+    from onnx_spectral import cli
+
+    path = tmp_path / "wide.onnx"
+    onnx.save(_gemm_into_layer_norm(), str(path))
+    assert cli.main(["analyze", str(path)]) == 0
+    assert "an added reconstruction layer" in capsys.readouterr().out
+    assert cli.main(["analyze", str(path), "--json"]) == 0
+    added = json.loads(capsys.readouterr().out)["reconstruction_layers"]
+    assert [(layer["producer"], layer["channels"]) for layer in added] == [("wide", OUTPUTS)]
+    assert added[0]["whole_above"] == 11  # k (48 + 16) < 48 * 16 up to k = 11
+    assert cli.main(["analyze", str(path), "--json", "--reconstruction-layers", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["reconstruction_layers"] == []
