@@ -1,13 +1,17 @@
 """all-MiniLM-L6-v2 compressed at a MAC budget: time and retrieval agreement on held-out text.
 
     python -m tools.bench_transformer [--flops 0.6] [--allocation greedy|uniform|dof]
-                                      [--graph plain|fused] [--calib 512]
+                                      [--graph plain|fused] [--calib 512] [--onnxsim]
 
 Calibrates on `--calib` sentences of the Python reference documentation (64 more for the
 tool's own verification) and compares the compressed model with the original on 256 other
 sentences (`models.sentence_encoder.embedding_agreement`): mean embedding cosine, top-1
 nearest-neighbour agreement and top-10 overlap. `--graph fused` uses the export after ONNX
-Runtime's transformer optimizer.
+Runtime's transformer optimizer. `--onnxsim` also prunes the same graph with onnxsim 0.8.1's
+recipe (tools/onnxsim_baseline.py: attention-head Wanda, structured Wanda, its refit) at the
+same budget, on the same calibration sentences in batches of 32, and compares both on the
+same held-out sentences, with MACs counted for both by `tools.onnxsim_baseline.count_macs` at
+one sentence of 64 tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +19,44 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+import onnx
+
 from models import sentence_encoder as encoder
 from onnx_spectral import compress
+
+Feeds = dict[str, np.ndarray]
+
+
+def batches(feeds: Feeds, size: int) -> list[Feeds]:
+    """`feeds` ([N, ...] arrays) cut into batches of `size` rows."""
+    count = len(next(iter(feeds.values())))
+    return [{name: value[start:start + size] for name, value in feeds.items()}
+            for start in range(0, count, size)]
+
+
+def onnxsim_line(path: str, calibration: Feeds, held_out: Feeds, flops: float,
+                 ours: onnx.ModelProto) -> str:
+    """onnxsim 0.8.1 at `flops` beside onnx-spectral's model `ours`: MACs kept by one counter,
+    and the embedding agreement of each with the original on `held_out`."""
+    from tools.onnxsim_baseline import count_macs, onnxsim_prune
+
+    original = onnx.load(path)
+    result = onnxsim_prune(original, batches(calibration, 32), flops, timeout=3600)
+    one = {name: value[:1] for name, value in calibration.items()}
+    reference = encoder.embeddings(original, held_out)
+    mine = encoder.embedding_agreement(reference, encoder.embeddings(ours, held_out))
+    ours_text = (f"onnx-spectral {count_macs(ours, one) / count_macs(original, one):.3f} of "
+                 f"the MACs (same counter as onnxsim's), cosine {mine.cosine:.4f}")
+    if result.model is None or not result.valid:
+        return f"{ours_text}; onnxsim 0.8.1 failed: {result.reason}"
+    agreement = encoder.embedding_agreement(reference, encoder.embeddings(result.model,
+                                                                          held_out))
+    return (f"{ours_text}; onnxsim 0.8.1 ({' + '.join(result.steps)}, sparsity "
+            f"{result.sparsity:.3f}): {result.macs_kept:.3f} of the MACs, {result.seconds:.0f} s;"
+            f" cosine {agreement.cosine:.4f}, top-1 neighbour agreement {agreement.top1:.1%}, "
+            f"top-10 overlap {agreement.top10:.1%}" + (f" ({result.reason})" if result.reason
+                                                        else ""))
 
 
 def main() -> None:
@@ -25,12 +65,15 @@ def main() -> None:
     parser.add_argument("--allocation", default=None, choices=["greedy", "uniform", "dof"])
     parser.add_argument("--graph", default="plain", choices=["plain", "fused"])
     parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--onnxsim", action="store_true",
+                        help="also prune with onnxsim 0.8.1 at the same budget")
     args = parser.parse_args()
     path = encoder.encoder_onnx() if args.graph == "plain" else encoder.fused_encoder_onnx()
     calibration, held_out = encoder.sentences(calibration=args.calib + 64)
     options = {} if args.allocation is None else {"allocation": args.allocation}
     start = time.perf_counter()
-    model, report = compress(str(path), encoder.tokenize(calibration), flops=args.flops,
+    calibration_feeds = encoder.tokenize(calibration)
+    model, report = compress(str(path), calibration_feeds, flops=args.flops,
                              calib_samples=args.calib, verify_samples=64, **options)
     seconds = time.perf_counter() - start
     print(report.format())
@@ -42,7 +85,11 @@ def main() -> None:
           f"{args.allocation or 'default'}: {kept:.3f} of the MACs kept, {seconds:.0f} s end to "
           f"end; on {len(held_out)} held-out sentences: cosine {agreement.cosine:.4f}, top-1 "
           f"neighbour agreement {agreement.top1:.1%}, top-10 overlap {agreement.top10:.1%}")
+    if args.onnxsim:
+        used = {name: value[:args.calib] for name, value in calibration_feeds.items()}
+        print(onnxsim_line(str(path), used, feeds, args.flops, model))
 
 
 if __name__ == "__main__":
     main()
+
