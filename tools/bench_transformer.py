@@ -2,6 +2,7 @@
 
     python -m tools.bench_transformer [--flops 0.6] [--allocation greedy|uniform|dof]
                                       [--graph plain|fused] [--calib 512] [--onnxsim]
+                                      [--reconstruction-layers auto|all|none]
 
 Calibrates on `--calib` sentences of the Python reference documentation (64 more for the
 tool's own verification) and compares the compressed model with the original on 256 other
@@ -65,12 +66,16 @@ def main() -> None:
     parser.add_argument("--allocation", default=None, choices=["greedy", "uniform", "dof"])
     parser.add_argument("--graph", default="plain", choices=["plain", "fused"])
     parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--reconstruction-layers", default=None, choices=["auto", "all", "none"])
     parser.add_argument("--onnxsim", action="store_true",
                         help="also prune with onnxsim 0.8.1 at the same budget")
     args = parser.parse_args()
     path = encoder.encoder_onnx() if args.graph == "plain" else encoder.fused_encoder_onnx()
     calibration, held_out = encoder.sentences(calibration=args.calib + 64)
-    options = {} if args.allocation is None else {"allocation": args.allocation}
+    options = {key: value for key, value in (("allocation", args.allocation),
+                                              ("reconstruction_layers",
+                                               args.reconstruction_layers))
+               if value is not None}
     start = time.perf_counter()
     calibration_feeds = encoder.tokenize(calibration)
     model, report = compress(str(path), calibration_feeds, flops=args.flops,
@@ -82,9 +87,11 @@ def main() -> None:
                                             encoder.embeddings(model, feeds))
     kept = report.cost_after.macs / report.cost_before.macs
     print(f"\nall-MiniLM-L6-v2 ({args.graph}), --flops {args.flops}, allocation "
-          f"{args.allocation or 'default'}: {kept:.3f} of the MACs kept, {seconds:.0f} s end to "
-          f"end; on {len(held_out)} held-out sentences: cosine {agreement.cosine:.4f}, top-1 "
-          f"neighbour agreement {agreement.top1:.1%}, top-10 overlap {agreement.top10:.1%}")
+          f"{args.allocation or 'default'}, reconstruction layers "
+          f"{args.reconstruction_layers or 'default'}: {kept:.3f} of the MACs kept, "
+          f"{seconds:.0f} s end to end; on {len(held_out)} held-out sentences: cosine "
+          f"{agreement.cosine:.4f}, top-1 neighbour agreement {agreement.top1:.1%}, "
+          f"top-10 overlap {agreement.top10:.1%}")
     if args.onnxsim:
         used = {name: value[:args.calib] for name, value in calibration_feeds.items()}
         print(onnxsim_line(str(path), used, feeds, args.flops, model))
