@@ -1,6 +1,6 @@
 """onnx-spectral and onnxsim 0.8.1 on every corpus model (models/corpus.py) at one MAC budget.
 
-``python -m tools.bench_coverage --corpus`` runs this. Per model, two worker processes
+``python -m tools.bench_coverage --corpus`` runs this. Per model, two or three worker processes
 (``python -m tools.corpus_coverage SIDE NAME FLOPS CALIB VERIFY TEST OUT.json``), each under its
 own time limit, so that a slow or crashing model costs one row, not the table:
 
@@ -12,6 +12,9 @@ own time limit, so that a slow or crashing model costs one row, not the table:
   changes output names or shapes on a held-out sample). Groups and frozen reasons come from
   ``onnx_spectral.analysis.analyze`` (and the report's groups once compressed).
 - ``onnxsim``: ``tools.onnxsim_baseline.onnxsim_prune`` on the first CALIB samples at FLOPS.
+- ``matched``: where onnxsim's valid model keeps fewer MACs than onnx-spectral's, onnx-spectral
+  again with its budget scaled to onnxsim's MACs (`matched_budget`), so that the summary
+  compares the two tools at no more MACs for onnx-spectral.
 
 Both measure MACs with ``tools.onnxsim_baseline.count_macs`` at the shape of the first
 calibration sample (batch 1), parameters as the elements of the initializers and Constant
