@@ -247,8 +247,7 @@ def _layer_matrix(graph: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
 def _apply_folds(model: onnx.ModelProto, values: dict[str, np.ndarray], dropped: set[str],
                  renamed: dict[str, str], between: set[str]) -> onnx.ModelProto:
     """Write the folded weights and biases, drop the folded layers (and the shapes of the tensors
-    `between` producer and layer), and let each producer write
-    its layer's output again."""
+    `between` producer and layer), and let each producer write its layer's output again."""
     graph = model.graph
     for node in graph.node:
         if node.name in renamed:

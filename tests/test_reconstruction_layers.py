@@ -132,7 +132,12 @@ def test_fold_whole_layers_applies_the_layer_to_the_producer() -> None:
         if tensor.name.startswith("wide/reconstruction/"):
             value = rng.standard_normal(tuple(tensor.dims)).astype(np.float32)
             tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    model = onnx.shape_inference.infer_shapes(model)  # the kept tensor gets a shape to drop
+    assert {layer.kept for layer in layers} <= {value.name for value in model.graph.value_info}
     folded = fold_whole_layers(model, layers)
+    assert not {layer.kept for layer in layers} & {value.name for value in
+                                                   folded.graph.value_info}
+    onnx.checker.check_model(folded, full_check=True)
     added = {layer.node for layer in layers}
     assert [node.name for node in folded.graph.node] == \
         [node.name for node in model.graph.node if node.name not in added]
