@@ -183,13 +183,18 @@ def fused_encoder_onnx() -> Path:
     return path
 
 
-def tokenize(sentences: list[str], max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
-    """Feeds for the encoder: int64 [len(sentences), max_tokens] each, padded and truncated."""
+def tokenize(sentences: list[str], max_tokens: int = MAX_TOKENS, folder: Path | None = None
+             ) -> dict[str, np.ndarray]:
+    """Feeds for the encoder: int64 [len(sentences), max_tokens] each, padded (with the
+    tokenizer's own padding token) and truncated. `folder`: the model folder whose
+    ``tokenizer.json`` to use (default: all-MiniLM-L6-v2's)."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_folder() / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str((folder or model_folder()) / "tokenizer.json"))
+    padding = tokenizer.padding or {}
     tokenizer.enable_truncation(max_tokens)
-    tokenizer.enable_padding(length=max_tokens)
+    tokenizer.enable_padding(length=max_tokens, pad_id=padding.get("pad_id", 0),
+                             pad_token=padding.get("pad_token", "[PAD]"))
     encodings = tokenizer.encode_batch(sentences)
     return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -214,7 +219,7 @@ def sentences(calibration: int = 512, held_out: int = 256, seed: int = 0
 
 def embeddings(model: str | Path | onnx.ModelProto, feeds: dict[str, np.ndarray],
                batch: int = 32) -> np.ndarray:
-    """Mean-pooled, L2-normalized sentence embeddings [n, 384] of `model` on `feeds`."""
+    """Mean-pooled, L2-normalized sentence embeddings [n, hidden] of `model` on `feeds`."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     wanted = {value.name for value in session.get_inputs()}

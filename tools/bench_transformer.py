@@ -1,32 +1,42 @@
-"""all-MiniLM-L6-v2 compressed at a MAC budget: time and retrieval agreement on held-out text.
+"""A real sentence encoder compressed at a MAC budget: time and retrieval agreement on
+held-out text.
 
-    python -m tools.bench_transformer [--flops 0.6] [--allocation greedy|uniform|dof]
+    python -m tools.bench_transformer [--model minilm|mpnet] [--flops 0.6]
+                                      [--allocation greedy|uniform|dof]
                                       [--graph plain|fused] [--calib 512] [--onnxsim]
                                       [--reconstruction-layers auto|all|none]
 
-Calibrates on `--calib` sentences of the Python reference documentation (64 more for the
-tool's own verification) and compares the compressed model with the original on 256 other
-sentences (`models.sentence_encoder.embedding_agreement`): mean embedding cosine, top-1
-nearest-neighbour agreement and top-10 overlap. `--graph fused` uses the export after ONNX
-Runtime's transformer optimizer. `--onnxsim` also prunes the same graph with onnxsim 0.8.1's
-recipe (tools/onnxsim_baseline.py: attention-head Wanda, structured Wanda, its refit) at the
-same budget, on the same calibration sentences in batches of 32, and compares both on the
-same held-out sentences, with MACs counted for both by `tools.onnxsim_baseline.count_macs` at
-one sentence of 64 tokens.
+`--model`: all-MiniLM-L6-v2 (models/sentence_encoder.py, the default) or all-mpnet-base-v2
+(models/mpnet.py). Calibrates on `--calib` sentences of the Python reference documentation
+(64 more for the tool's own verification) and compares the compressed model with the original
+on 256 other sentences (`models.sentence_encoder.embedding_agreement`): mean embedding cosine,
+top-1 nearest-neighbour agreement and top-10 overlap. `--graph fused` uses MiniLM's export
+after ONNX Runtime's transformer optimizer. `--onnxsim` also prunes the same graph with
+onnxsim 0.8.1's recipe (tools/onnxsim_baseline.py: attention-head Wanda, structured Wanda, its
+refit) at the same budget, on the same calibration sentences in batches of 32, and compares
+both on the same held-out sentences, with MACs counted for both by
+`tools.onnxsim_baseline.count_macs` at one sentence of 64 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from models import mpnet
 from models import sentence_encoder as encoder
 from onnx_spectral import compress
 
 Feeds = dict[str, np.ndarray]
+MODELS: dict[str, tuple[str, Callable[[], Path], Callable[[list[str]], Feeds]]] = {
+    "minilm": ("all-MiniLM-L6-v2", encoder.encoder_onnx, encoder.tokenize),
+    "mpnet": ("all-mpnet-base-v2", mpnet.encoder_onnx, mpnet.mpnet_tokenize),
+}
 
 
 def batches(feeds: Feeds, size: int) -> list[Feeds]:
@@ -61,6 +71,7 @@ def onnxsim_line(path: str, calibration: Feeds, held_out: Feeds, reference: np.n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
     parser.add_argument("--flops", type=float, default=0.6)
     parser.add_argument("--allocation", default=None, choices=["greedy", "uniform", "dof"])
     parser.add_argument("--graph", default="plain", choices=["plain", "fused"])
@@ -69,23 +80,26 @@ def main() -> None:
     parser.add_argument("--onnxsim", action="store_true",
                         help="also prune with onnxsim 0.8.1 at the same budget")
     args = parser.parse_args()
-    path = encoder.encoder_onnx() if args.graph == "plain" else encoder.fused_encoder_onnx()
+    if args.graph == "fused" and args.model != "minilm":
+        parser.error("--graph fused exists for --model minilm only")
+    title, export, tokenize = MODELS[args.model]
+    path = export() if args.graph == "plain" else encoder.fused_encoder_onnx()
     calibration, held_out = encoder.sentences(calibration=args.calib + 64)
     options = {key: value for key, value in (("allocation", args.allocation),
                                               ("reconstruction_layers",
                                                args.reconstruction_layers))
                if value is not None}
     start = time.perf_counter()
-    calibration_feeds = encoder.tokenize(calibration)
+    calibration_feeds = tokenize(calibration)
     model, report = compress(str(path), calibration_feeds, flops=args.flops,
                              calib_samples=args.calib, verify_samples=64, **options)
     seconds = time.perf_counter() - start
     print(report.format())
-    feeds = encoder.tokenize(held_out)
+    feeds = tokenize(held_out)
     reference = encoder.embeddings(path, feeds)
     agreement = encoder.embedding_agreement(reference, encoder.embeddings(model, feeds))
     kept = report.cost_after.macs / report.cost_before.macs
-    print(f"\nall-MiniLM-L6-v2 ({args.graph}), --flops {args.flops}, allocation "
+    print(f"\n{title} ({args.graph}), --flops {args.flops}, allocation "
           f"{args.allocation or 'default'}, reconstruction layers "
           f"{args.reconstruction_layers or 'default'}: {kept:.3f} of the MACs kept, "
           f"{seconds:.0f} s end to end; on {len(held_out)} held-out sentences: cosine "
