@@ -7,8 +7,8 @@ sentence-transformers/all-mpnet-base-v2 (MPNet: 12 layers, hidden 768, 12 heads,
 relative position buckets shared by all layers) as ``model.safetensors`` with its
 ``tokenizer.json``. The encoder is rebuilt in PyTorch with MPNetModel's structure and
 semantics (position ids counted over non-padding tokens from 2, separate q/k/v/o projections,
-heads split with ``view`` + ``permute``, one relative-position bias [1, 12, seq, seq] computed
-once and added to every layer's attention scores, additive attention mask, exact GELU,
+heads split with ``view`` + ``permute``, one relative-position bias [batch, 12, seq, seq]
+computed once and added to every layer's attention scores, additive attention mask, exact GELU,
 post-norm) and exported by torch.onnx's TorchScript exporter (opset 17): inputs ``input_ids``
 and ``attention_mask``, int64 [batch_size, sequence_length], output ``last_hidden_state``
 float32 [batch_size, sequence_length, 768].
@@ -125,6 +125,7 @@ def _build():  # -> torch.nn.Module; torch is imported lazily (the `models` extr
             length = input_ids.size(1)
             offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
             bias = self.relative(_bucket(offsets)).permute(2, 0, 1).unsqueeze(0)
+            bias = bias.expand((input_ids.size(0), -1, length, length)).contiguous()
             mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(
                 torch.float32).min
             for layer in self.layers:

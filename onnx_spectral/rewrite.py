@@ -35,6 +35,8 @@ class _Editor:
         self.model.CopyFrom(graph.model)
         self._nodes = {node.name: node for node in self.model.graph.node}
         self._values: dict[tuple[str, int], np.ndarray] = {}
+        self._inserted: dict[str, list[onnx.NodeProto]] = {}
+        """New nodes by the name of the node they go before (placed by `finish`)."""
 
     def input_value(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
         edited = self._values.get((node.name, position))
@@ -58,9 +60,30 @@ class _Editor:
                 target.attribute.remove(attr)
                 return
 
+    def gather_input(self, node: onnx.NodeProto, position: int, indices: np.ndarray,
+                     axis: int) -> None:
+        target = self._nodes[node.name]
+        name = f"{node.name}/keep_{position}"
+        while name in self._nodes:
+            name += "_"
+        gather = helper.make_node("Gather", [target.input[position], f"{name}/indices"],
+                                  [f"{name}/output"], name=name, axis=axis)
+        self._nodes[name] = gather
+        self._inserted.setdefault(node.name, []).append(gather)
+        self.set_input_value(gather, 1, np.asarray(indices, dtype=np.int64))
+        target.input[position] = gather.output[0]
+
     def finish(self) -> onnx.ModelProto:
-        """Write the edited constants as fresh initializers and drop unused ones."""
+        """Place the inserted nodes, write the edited constants as fresh initializers and drop
+        unused ones."""
         graph = self.model.graph
+        if self._inserted:
+            ordered = [new for node in graph.node
+                       for new in (*self._inserted.get(node.name, ()), node)]
+            del graph.node[:]
+            graph.node.extend(ordered)
+            self._nodes = {node.name: node for node in graph.node}
+            self._inserted.clear()
         taken = {init.name for init in graph.initializer}
         spill = external_tensors.is_large(self.model)
         for (node_name, position), value in self._values.items():

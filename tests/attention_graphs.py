@@ -5,9 +5,13 @@
     -> Div sqrt(D) -> Add mask -> Softmax -> MatMul(., v) 'context' -> Transpose ->
     Reshape [N,S,C] 'merge' -> MatMul+Add 'dense' -> Add x -> LayerNormalization -> y
 
-`mask` is the additive attention mask [N,1,1,S]. Options vary one detail so that tests can check
-what breaks the pattern (`head_bias`: a per-head term [1,H,1,1] added to the scores) and the
-constant-target variant (`constant_targets`: Reshape targets [0,0,H,D] and [0,0,C]).
+`mask` is the additive attention mask [N,1,1,S]. Options vary one detail: `head_bias` gives
+the scores a term with one slice per head, "constant" (a per-head temperature [1,H,1,1] they
+are multiplied by), "computed" (added: per-head slopes times the channel mean of x,
+[N,H,1,S], like a relative-position bias computed from the input) or "where" (a per-head
+boolean [1,H,1,1] that masks them through Where, which breaks the pattern); `dead_heads`
+zeroes the value projection of the last heads (their context is 0); `constant_targets` gives
+the Reshapes constant targets [0,0,H,D] and [0,0,C].
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ HEAD_SIZE = 6
 CHANNELS = HEADS * HEAD_SIZE
 
 
-def _linear(b: GraphBuilder, x: str, name: str) -> str:
-    w = b.random(f"{name}_w", (CHANNELS, CHANNELS), fan_in=CHANNELS)
-    bias = b.random(f"{name}_b", (CHANNELS,), fan_in=4)
-    return b.node("Add", [b.node("MatMul", [x, w], f"{name}_mm"), bias], name)
+def _linear(b: GraphBuilder, x: str, name: str, dead_heads: int = 0) -> str:
+    w = b.rng.standard_normal((CHANNELS, CHANNELS)) / np.sqrt(CHANNELS)
+    bias = b.rng.standard_normal(CHANNELS) / 2
+    dead = slice(CHANNELS - dead_heads * HEAD_SIZE, CHANNELS)
+    w[:, dead], bias[dead] = 0.0, 0.0
+    product = b.node("MatMul", [x, b.const(f"{name}_w", w)], f"{name}_mm")
+    return b.node("Add", [product, b.const(f"{name}_b", bias)], name)
 
 
 def _leading_dims(b: GraphBuilder, x: str, prefix: str) -> list[str]:
@@ -55,17 +62,27 @@ def _heads(b: GraphBuilder, x: str, name: str, perm: list[int], constant: bool) 
     return b.node("Transpose", [split], f"{name}_heads", perm=perm)
 
 
-def attention_block(*, seed: int = 0, head_bias: bool = False,
+def attention_block(*, seed: int = 0, head_bias: str | None = None, dead_heads: int = 0,
                     constant_targets: bool = False) -> onnx.ModelProto:
     b = GraphBuilder(seed)
     q = _heads(b, _linear(b, "x", "q"), "q", [0, 2, 1, 3], constant_targets)
     k = _heads(b, _linear(b, "x", "k"), "k", [0, 2, 3, 1], constant_targets)
-    v = _heads(b, _linear(b, "x", "v"), "v", [0, 2, 1, 3], constant_targets)
+    v = _heads(b, _linear(b, "x", "v", dead_heads), "v", [0, 2, 1, 3], constant_targets)
     scores = b.node("MatMul", [q, k], "scores")
     scaled = b.node("Div", [scores, b.const("scale", np.float32(np.sqrt(HEAD_SIZE)))], "scaled")
     masked = b.node("Add", [scaled, "mask"], "masked")
-    if head_bias:
-        masked = b.node("Add", [masked, b.random("bias", (1, HEADS, 1, 1))], "biased")
+    if head_bias == "constant":
+        temperature = b.const("temperature", b.rng.uniform(0.2, 3.0, (1, HEADS, 1, 1)))
+        masked = b.node("Mul", [masked, temperature], "biased")
+    elif head_bias == "computed":
+        axes = b.const("bias_axes", np.array([1, 2], dtype=np.int64))
+        mean = b.node("ReduceMean", ["x"], "bias_mean", axes=[2], keepdims=0)
+        keys = b.node("Unsqueeze", [mean, axes], "bias_keys")  # [N,1,1,S]
+        slopes = b.const("bias_slopes", b.rng.uniform(-6.0, 6.0, (1, HEADS, 1, 1)))
+        masked = b.node("Add", [masked, b.node("Mul", [slopes, keys], "bias")], "biased")
+    elif head_bias == "where":
+        keep = b.const("keep", np.arange(HEADS).reshape(1, HEADS, 1, 1) % 2 == 0)
+        masked = b.node("Where", [keep, masked, b.const("low", np.float32(-1e4))], "biased")
     probs = b.node("Softmax", [masked], "probs", axis=-1)
     context = b.node("MatMul", [probs, v], "context")
     back = b.node("Transpose", [context], "back", perm=[0, 2, 1, 3])

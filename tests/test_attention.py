@@ -12,6 +12,7 @@ from onnx_spectral.analysis import analyze
 from onnx_spectral.api import compress
 from onnx_spectral.graph.model import GraphIndex, normalize
 from onnx_spectral.ops.attention import find_attention
+from onnx_spectral.ops.base import Role
 from onnx_spectral.selection.heads import greedy_select_blocks
 from onnx_spectral.selection.spectral import TapProblem, information_loss
 from onnx_spectral.selection.widths import round_width
@@ -47,11 +48,30 @@ def test_q_k_v_form_one_group_of_heads() -> None:
     assert heads.scaled == ("scores", "context")
 
 
-def test_a_per_head_score_term_keeps_the_projections_whole() -> None:
-    analysis = analyze(attention_block(head_bias=True))
+def test_a_per_head_mask_through_where_keeps_the_projections_whole() -> None:
+    analysis = analyze(attention_block(head_bias="where"))
     assert not [group for group in analysis.groups if group.block > 1]
     q_group = next(group for group in analysis.groups if "q_mm" in group.producers)
     assert not q_group.prunable
+
+
+@pytest.mark.parametrize("kind", ["constant", "computed"])
+def test_a_per_head_score_term_keeps_the_kept_heads_slices(kind: str) -> None:
+    # the last two heads read zero values: dropping them is exact, if and only if the kept
+    # heads' scores still get their own slices of the per-head term
+    model = attention_block(head_bias=kind, dead_heads=2)
+    (heads,) = [group for group in analyze(model).groups if group.block > 1]
+    assert [(m.node, m.axis) for m in heads.members if m.role is Role.HEAD_OPERAND] == [
+        ("biased", 1)]
+    compressed, report = compress(model, [attention_feeds(64)], ratio=0.5, refit=False,
+                                  compensation=False)
+    assert f"({HEADS} -> {HEADS // 2} heads)" in report.format()
+    gathers = [node for node in compressed.graph.node if node.op_type == "Gather"
+               and node.output[0] in next(n for n in compressed.graph.node
+                                          if n.name == "biased").input]
+    assert len(gathers) == (kind == "computed")
+    held_out = attention_feeds(8, seq=7, seed=3)
+    np.testing.assert_allclose(_run(compressed, held_out), _run(model, held_out), atol=5e-3)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:

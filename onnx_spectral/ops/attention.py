@@ -9,6 +9,11 @@ reshapes split off ``k`` heads instead of ``H``, the per-head score matrices of 
 heads are simply not computed, and the output projection reads ``k * D`` context channels, on
 which it absorbs a reconstruction like any sink.
 
+Operands added to the scores may vary over the heads: a relative-position bias
+``[b, H, s, s]`` (MPNet, T5, DeBERTa-style) computed once and added in every layer. Such an
+operand is a member of the head group (`Role.HEAD_OPERAND`): a constant keeps the kept heads'
+slices, a computed one is read through a Gather of the kept heads on its head axis.
+
 `find_attention` recognizes that pattern node by node and returns one `AttentionBlock` per
 match; anything that does not match exactly is left to the ordinary handlers (which keep such
 channels whole, with their reason). The analysis then couples the Q, K and V groups into one
@@ -24,12 +29,14 @@ import numpy as np
 import onnx
 
 from onnx_spectral.graph.model import GraphIndex, attributes
-from onnx_spectral.ops.base import AnalysisContext, Member, Plain, Role
+from onnx_spectral.ops.base import AnalysisContext, Editor, Member, Plain, Role
 from onnx_spectral.ops.layout import shape_entries
 
 _SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast"})
 """Ops allowed between the score MatMul and the Softmax (scaling, masks, biases), provided
-their other operands do not vary over the head axis."""
+their other operands do not vary over the head axis, or (`_HEAD_OPERAND_OPS`) hold one slice
+per head on it."""
+_HEAD_OPERAND_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
 _SCALE_OPS = frozenset({"Mul", "Div"})
 """Ops allowed on Q or K before the score MatMul, by a constant scalar."""
 _HEADS_FIRST = (0, 2, 1, 3)
@@ -44,6 +51,8 @@ class AttentionBlock:
     `splits`: the three head Reshape nodes (Q, K, V order); `merge`: the Reshape back to C.
     `matmuls`: the score and context MatMuls, whose MACs scale with the heads kept.
     `heads`: H; `head_size`: D (C = H * D).
+    `head_operands`: (node, input position) of each score operand with one slice per head on
+    its axis -3.
     """
 
     query: str
@@ -54,6 +63,7 @@ class AttentionBlock:
     matmuls: tuple[str, str]
     heads: int
     head_size: int
+    head_operands: tuple[tuple[str, int], ...] = ()
 
     @property
     def channels(self) -> int:
@@ -167,14 +177,17 @@ def _head_split(graph: GraphIndex, tensor: str, perm: tuple[int, ...]
     return reshape, heads, head_size
 
 
-def _score_chain(graph: GraphIndex, tensor: str) -> str:
-    """Walk back from the Softmax input over score ops; the score MatMul's output."""
+def _score_chain(graph: GraphIndex, tensor: str
+                 ) -> tuple[str, list[tuple[onnx.NodeProto, int]]]:
+    """Walk back from the Softmax input over score ops; the score MatMul's output and the
+    (node, input position) of the operands that vary over the head axis."""
+    varying: list[tuple[onnx.NodeProto, int]] = []
     while True:
         node = graph.producers.get(tensor)
         if node is None:
             raise _NoMatch
         if node.op_type == "MatMul":
-            return tensor
+            return tensor, varying
         if node.op_type not in _SCORE_OPS:
             raise _NoMatch
         _only_consumer(graph, tensor)
@@ -182,9 +195,12 @@ def _score_chain(graph: GraphIndex, tensor: str) -> str:
                   if graph.constant(name) is None and _reaches_matmul(graph, name)]
         if len(onward) != 1:
             raise _NoMatch
-        for name in node.input:
-            if name != onward[0] and not _head_invariant(graph, name):
+        for position, name in enumerate(node.input):
+            if name == onward[0] or _head_invariant(graph, name):
+                continue
+            if node.op_type not in _HEAD_OPERAND_OPS:
                 raise _NoMatch
+            varying.append((node, position))
         tensor = onward[0]
 
 
@@ -200,14 +216,19 @@ def _reaches_matmul(graph: GraphIndex, tensor: str) -> bool:
         graph.constant(name) is None for name in node.input)
 
 
-def _head_invariant(graph: GraphIndex, tensor: str) -> bool:
-    """Whether a tensor added to (or masking) the rank-4 scores is the same for every head:
-    rank below 3, or size 1 on the head axis."""
+def _head_axis_size(graph: GraphIndex, tensor: str) -> int | None:
+    """The size of axis -3 (the heads) of an operand of the rank-4 scores: 1 when its rank is
+    below 3, None when unknown."""
     value = graph.constant(tensor)
     shape = graph.shapes.get(tensor) if value is None else value.shape
     if shape is None:
-        return False
-    return len(shape) < 3 or shape[-3] == 1
+        return None
+    return 1 if len(shape) < 3 else shape[-3]
+
+
+def _head_invariant(graph: GraphIndex, tensor: str) -> bool:
+    """Whether a tensor added to (or masking) the rank-4 scores is the same for every head."""
+    return _head_axis_size(graph, tensor) == 1
 
 
 def _match(graph: GraphIndex, softmax: onnx.NodeProto) -> AttentionBlock:
@@ -215,7 +236,7 @@ def _match(graph: GraphIndex, softmax: onnx.NodeProto) -> AttentionBlock:
     axis = int(attributes(softmax).get("axis", -1))  # type: ignore[call-overload]
     if scores is None or len(scores) != 4 or axis not in (-1, 3):
         raise _NoMatch
-    score_out = _score_chain(graph, softmax.input[0])
+    score_out, varying = _score_chain(graph, softmax.input[0])
     score = _producer(graph, score_out, "MatMul")
     context = _only_consumer(graph, softmax.output[0])
     if context.op_type != "MatMul" or context.input[0] != softmax.output[0]:
@@ -226,6 +247,9 @@ def _match(graph: GraphIndex, softmax: onnx.NodeProto) -> AttentionBlock:
                                            _KEYS_TRANSPOSED)
     value, value_heads, value_size = _head_split(graph, context.input[1], _HEADS_FIRST)
     if (key_heads, key_size, value_heads, value_size) != (heads, head_size) * 2:
+        raise _NoMatch
+    if any(_head_axis_size(graph, node.input[position]) != heads
+           for node, position in varying):
         raise _NoMatch
     back = _only_consumer(graph, context.output[0])
     if back.op_type != "Transpose" or _perm(back) != _HEADS_FIRST:
@@ -238,7 +262,8 @@ def _match(graph: GraphIndex, softmax: onnx.NodeProto) -> AttentionBlock:
     if len(set(inputs)) != 3:
         raise _NoMatch
     return AttentionBlock(*inputs, (query.name, key.name, value.name), merge.name,
-                          (score.name, context.name), heads, head_size)
+                          (score.name, context.name), heads, head_size,
+                          tuple((node.name, position) for node, position in varying))
 
 
 def merge_heads(block: AttentionBlock, ctx: AnalysisContext) -> None:
@@ -266,6 +291,24 @@ def merge_heads(block: AttentionBlock, ctx: AnalysisContext) -> None:
     ctx.set_block(group, block.head_size)
     for reshape in (*block.splits, block.merge):
         ctx.add_member(group, Member(reshape, Role.LAYOUT, 2))
+    for node, position in block.head_operands:
+        ctx.add_member(group, Member(node, Role.HEAD_OPERAND, position))
     ctx.add_scaled(group, block.matmuls)
     merge = ctx.graph.nodes_by_name[block.merge]
     ctx.set_state(merge.output[0], Plain(group, 2, 3))
+
+
+def keep_heads_of_operand(node: onnx.NodeProto, position: int, kept: np.ndarray, channels: int,
+                          editor: Editor) -> None:
+    """Restrict the score operand at input `position` of `node` ([..., H, s, s]) to the heads
+    of the kept channels `kept` ([k] of `channels` = H * D): a constant is sliced, a computed
+    operand is read through a Gather on its head axis."""
+    value = editor.input_value(node, position)
+    shape = value.shape if value is not None else editor.graph.shapes[node.input[position]]
+    heads_total = shape[-3]
+    assert heads_total is not None and channels % heads_total == 0
+    heads = np.unique(kept // (channels // heads_total))
+    if value is not None:
+        editor.set_input_value(node, position, np.take(value, heads, axis=value.ndim - 3))
+    else:
+        editor.gather_input(node, position, heads, len(shape) - 3)

@@ -60,6 +60,7 @@ class Role(Enum):
     PRODUCER = "producer"  # creates the channels: keep rows/columns J of its weight
     CHANNELWISE = "channelwise"  # carries channel c to channel c: slice its parameters to J
     LAYOUT = "layout"  # moves channels around: rewrite its shape constants
+    HEAD_OPERAND = "head operand"  # an operand [..., H, s, s] of attention scores: keep heads
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Member:
 
     `axis` is the channel axis of the tensor the node's parameters broadcast against (its output
     for producers, its grouped input for channel-wise ops); for a layout op, the entry of its
-    shape constant that scales with the channel count.
+    shape constant that scales with the channel count; for a head operand, its input position.
     """
 
     node: str
@@ -173,6 +174,11 @@ class Editor(Protocol):
 
     def remove_attribute(self, node: onnx.NodeProto, name: str) -> None:
         """Drop an attribute of the node if it has it."""
+
+    def gather_input(self, node: onnx.NodeProto, position: int, indices: np.ndarray,
+                     axis: int) -> None:
+        """Feed the node's input `position` through a new Gather of `indices` ([k] int64) on
+        `axis`, placed before the node."""
 
 
 class OpHandler(Protocol):

@@ -4,6 +4,8 @@ Unary activations carry channel c to channel c and have nothing to slice. Arithm
 constant (bias Add after a bias-free conv, Mul by a per-channel scale, PRelu slopes) slices the
 constant when it varies along the channel axis. Arithmetic between two grouped activations
 (residual Add, gates `x * sigmoid(...)`) couples their groups: they must keep the same channels.
+An operand of attention scores with one slice per head keeps the kept heads' slices
+(`attention.keep_heads_of_operand`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnx_spectral.ops.attention import keep_heads_of_operand
 from onnx_spectral.ops.base import (
     AnalysisContext,
     ChannelState,
@@ -134,6 +137,9 @@ class ArithmeticHandler(NoWeights):
 
     def slice(self, node: onnx.NodeProto, member: Member, kept: np.ndarray, channels: int,
               editor: Editor) -> None:
+        if member.role is Role.HEAD_OPERAND:
+            keep_heads_of_operand(node, member.axis, kept, channels, editor)
+            return
         for position in range(len(node.input)):
             value = editor.input_value(node, position)
             if value is None or _channel_dim(value, member.axis) != channels:

@@ -44,6 +44,10 @@ class _ShapeEditor:
     def remove_attribute(self, node: onnx.NodeProto, name: str) -> None:
         del node, name  # attributes carry no cost
 
+    def gather_input(self, node: onnx.NodeProto, position: int, indices: np.ndarray,
+                     axis: int) -> None:
+        del node, position, indices, axis  # a Gather of activations has no parameters
+
     def shapes(self) -> dict[tuple[str, int], tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in self._values.items()}
 
