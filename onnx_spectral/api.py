@@ -57,6 +57,7 @@ from onnx_spectral.rewrite import rewrite
 from onnx_spectral.selection.budget import budget_costs, check_budget_met
 from onnx_spectral.selection.group_cost import GroupCosts
 from onnx_spectral.selection.plan import PlannedGroup, plan_groups
+from onnx_spectral.streams import energy_taps
 from onnx_spectral.verify import (
     Verified,
     check_input_runs,
@@ -350,13 +351,15 @@ def calibrate_statistics(model: str | Path | onnx.ModelProto, calibration_data: 
                           total_samples=stop - start, progress=options.progress)
                 if analysis.taps else Statistics({}, 0))
     return SavedStatistics(gathered, model_fingerprint(original),
-                           tuple(TapKey.of(tap) for tap in analysis.taps), n_calib, (shard,))
+                           tuple(TapKey.of(tap) for tap in (*analysis.taps,
+                                                            *energy_taps(analysis))),
+                           n_calib, (shard,))
 
 
 def _instrumented(prepared: Prepared, options: CompressOptions) -> Instrumented:
     """The model with its taps' statistics as outputs, positions subsampled to the Gram
     budget."""
     analysis = prepared.analysis
-    return instrument(analysis.graph, analysis.taps,
+    return instrument(analysis.graph, (*analysis.taps, *energy_taps(analysis)),
                       gram_strides(analysis.graph, analysis.taps, options.gram_budget,
                                    options.calib_samples, prepared.analyzed_cost))

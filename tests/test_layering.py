@@ -19,7 +19,7 @@ MAX_LINES = 450
 STAGES: tuple[tuple[str, ...], ...] = (
     ("graph/", "errors.py"),
     ("ops/",),
-    ("analysis.py", "cost.py", "reconstruction_layers.py"),
+    ("analysis.py", "cost.py", "reconstruction_layers.py", "streams.py"),
     ("calibration/",),
     ("selection/",),
     ("rewrite.py",),  # applies plans: compensation rewrites between its passes, refit after

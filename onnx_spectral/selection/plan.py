@@ -37,6 +37,7 @@ from onnx_spectral.selection.spectral import (
     loss_weight,
     reconstruction,
 )
+from onnx_spectral.selection.stream_unit import loss_units
 from onnx_spectral.selection.widths import (
     Allocation,
     allocate_dof,
@@ -247,14 +248,14 @@ def _allocation(analysis: Analysis, statistics: Statistics, options: PlanOptions
         spectra = [_selection_spectrum(analysis, group, statistics, options,
                                        windows.get(group.id, ())) for group in groups]
         return allocate_dof(model, budget, spectra, *steps), paths
-    curves = []
     for group in groups:
         problems = (group_problems(analysis, group, statistics, options)
                     + _window_problems(analysis, group, statistics, options,
                                        windows.get(group.id, ())))
-        path = _greedy(problems, group, group.channels)
-        paths[group.id] = path
-        curves.append(path.losses / max(path.losses[0], np.finfo(np.float64).tiny))
+        paths[group.id] = _greedy(problems, group, group.channels)
+    units = loss_units(analysis, statistics,
+                       {group.id: float(paths[group.id].losses[0]) for group in groups})
+    curves = [paths[group.id].losses / units[group.id] for group in groups]
     return allocate_greedy(model, budget, curves, *steps), paths
 
 

@@ -1,0 +1,57 @@
+"""The unit the greedy allocation measures a group's loss in.
+
+A group's loss curve (`spectral.GreedyPath.losses`, per calibration row of its tap) is the
+energy its sinks' outputs lose. Groups that write into a residual stream (`streams`) all reach
+the model's output through it, so their losses are compared as they are, over one common
+constant: the mean energy per row of the stream tensors they write into. Any other group is
+compared relative to its own sinks' output energy (`losses[0]`, the loss with every channel
+dropped), since nothing relates its unit to another group's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from onnx_spectral.analysis import Analysis
+from onnx_spectral.calibration.collect import Statistics
+from onnx_spectral.ops import require_handler
+from onnx_spectral.streams import stream_writes
+
+
+def stream_energy(analysis: Analysis, statistics: Statistics) -> float | None:
+    """Mean energy per row (squared norm of one position's channels) of the residual stream
+    tensors the groups write into, from their energy taps (or, for a stream tensor that is a
+    group's tap, its Gram trace); None without streams or without their statistics (saved
+    before energy taps existed)."""
+    graph = analysis.graph
+    tapped = {tap.tensor for tap in analysis.taps}
+    widths = {}
+    for group in analysis.base_groups:
+        sink = graph.nodes_by_name[group.taps[0].sinks[0].node] if group.taps else None
+        for stream in stream_writes(analysis).get(group.id, ()):
+            if sink is not None:
+                widths[stream] = require_handler(sink).output_rows(sink, graph).shape[0]
+    energies = []
+    for stream, width in sorted(widths.items()):
+        measured = statistics.taps.get(stream)
+        if measured is None or measured.count == 0:
+            return None
+        if stream in tapped:
+            energies.append(float(np.trace(measured.gram)) / measured.count)
+        else:
+            energies.append(float(measured.gram[0, 0]) / measured.count * width)
+    return float(np.mean(energies)) if energies else None
+
+
+def loss_units(analysis: Analysis, statistics: Statistics,
+               own: Mapping[int, float]) -> dict[int, float]:
+    """Base group id -> what its losses are divided by: the common stream energy for a group
+    that writes into a residual stream, else `own[group id]` (its losses[0])."""
+    writes = stream_writes(analysis)
+    common = stream_energy(analysis, statistics) if writes else None
+    tiny = np.finfo(np.float64).tiny
+    return {group.id: max(common if common is not None and group.id in writes
+                          else own[group.id], tiny)
+            for group in analysis.base_groups}
