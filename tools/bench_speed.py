@@ -306,7 +306,7 @@ def bench_memory(sizes: list[int]) -> None:
 
 # ------------------------------------------------------------------------------------ latency
 
-def _latencies(sessions: dict[str, ort.InferenceSession], feeds: Feeds,
+def latencies(sessions: dict[str, ort.InferenceSession], feeds: Feeds,
                repeats: int) -> dict[str, float]:
     """Median seconds of one `run` per session; sessions take turns within each repeat."""
     times: dict[str, list[float]] = {label: [] for label in sessions}
@@ -339,7 +339,7 @@ def bench_latency(names: list[str], targets: list[float], rounds: list[int],
             feeds = {key: value[:batch] for key, value in batches[0].items()}
             for session in sessions.values():
                 session.run(None, feeds)  # warm up
-            times = _latencies(sessions, feeds, repeats if batch > 1 else 4 * repeats)
+            times = latencies(sessions, feeds, repeats if batch > 1 else 4 * repeats)
             base = times["original"]
             print(f"  {name}, batch {batch}: original {1000 * base:.1f} ms")
             for label, seconds in times.items():

@@ -4,7 +4,8 @@ held-out text.
     python -m tools.bench_transformer [--model minilm|mpnet] [--flops 0.6]
                                       [--allocation greedy|uniform|dof]
                                       [--graph plain|fused] [--calib 512] [--onnxsim]
-                                      [--reconstruction-layers auto|all|none]
+                                      [--reconstruction-layers auto|all|none] [--latency]
+                                      [--prune both|heads|ffn]
 
 `--model`: all-MiniLM-L6-v2 (models/sentence_encoder.py, the default) or all-mpnet-base-v2
 (models/mpnet.py). Calibrates on `--calib` sentences of the Python reference documentation
@@ -15,7 +16,11 @@ after ONNX Runtime's transformer optimizer. `--onnxsim` also prunes the same gra
 onnxsim 0.8.1's recipe (tools/onnxsim_baseline.py: attention-head Wanda, structured Wanda, its
 refit) at the same budget, on the same calibration sentences in batches of 32, and compares
 both on the same held-out sentences, with MACs counted for both by
-`tools.onnxsim_baseline.count_macs` at one sentence of 64 tokens.
+`tools.onnxsim_baseline.count_macs` at one sentence of 64 tokens. `--prune heads` (or `ffn`)
+excludes every other group (every head group) from pruning. `--latency` also times the
+original and the compressed model side by side in ONNX Runtime on the CPU at 128 tokens
+(median of 20 runs at batch 1, of 5 at batch 32) and divides the speedup by the MAC reduction
+at that length.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from models import sentence_encoder as encoder
 from onnx_spectral import compress
 
 Feeds = dict[str, np.ndarray]
-MODELS: dict[str, tuple[str, Callable[[], Path], Callable[[list[str]], Feeds]]] = {
+MODELS: dict[str, tuple[str, Callable[[], Path], Callable[[list[str], int], Feeds]]] = {
     "minilm": ("all-MiniLM-L6-v2", encoder.encoder_onnx, encoder.tokenize),
     "mpnet": ("all-mpnet-base-v2", mpnet.encoder_onnx, mpnet.mpnet_tokenize),
 }
@@ -69,6 +74,49 @@ def onnxsim_line(path: str, calibration: Feeds, held_out: Feeds, reference: np.n
                                                         else ""))
 
 
+def latency_line(original: Path, compressed: onnx.ModelProto, feeds: Feeds) -> str:
+    """ONNX Runtime CPU latency of `compressed` against `original` on `feeds` ([n, 128] token
+    arrays, n >= 32), side by side: speedup and speedup over MAC reduction at batch 1 and 32."""
+    import onnxruntime as ort
+
+    from onnx_spectral.cost import model_cost
+    from tools.bench_speed import latencies
+
+    models = {"original": onnx.load(original), "compressed": compressed}
+    shapes = {name: (1, value.shape[1]) for name, value in feeds.items()}
+    macs = {label: model_cost(model, {name: shape for name, shape in shapes.items()
+                                      if name in {i.name for i in model.graph.input}}).macs
+            for label, model in models.items()}
+    reduction = macs["original"] / macs["compressed"]
+    sessions = {label: ort.InferenceSession(model.SerializeToString(),
+                                            providers=["CPUExecutionProvider"])
+                for label, model in models.items()}
+    parts = []
+    for batch, repeats in ((1, 20), (32, 5)):
+        wanted = {i.name for i in sessions["original"].get_inputs()}
+        chunk = {name: value[:batch] for name, value in feeds.items() if name in wanted}
+        times = latencies(sessions, chunk, repeats)
+        speedup = times["original"] / times["compressed"]
+        parts.append(f"batch {batch}: {1e3 * times['original']:.0f} ms -> "
+                     f"{1e3 * times['compressed']:.0f} ms, {speedup:.2f}x faster, "
+                     f"{speedup / reduction:.2f} of the MAC reduction")
+    return (f"latency at {next(iter(shapes.values()))[1]} tokens, ORT CPU ({reduction:.2f}x "
+            f"fewer MACs): " + "; ".join(parts))
+
+
+def excluded_for(path: Path, feeds: Feeds, prune: str) -> list[str]:
+    """Producers to exclude so that only the heads (`prune` "heads") or only the other
+    channel groups, the feed-forward widths ("ffn"), are pruned; none for "both"."""
+    from onnx_spectral.analysis import analyze
+
+    if prune == "both":
+        return []
+    analysis = analyze(onnx.load(path), shape_feeds={k: v[:2] for k, v in feeds.items()})
+    return sorted(producer for group in analysis.prunable
+                  if (group.heads is not None) == (prune == "ffn")
+                  for producer in group.producers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=sorted(MODELS))
@@ -77,6 +125,10 @@ def main() -> None:
     parser.add_argument("--graph", default="plain", choices=["plain", "fused"])
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--reconstruction-layers", default=None, choices=["auto", "all", "none"])
+    parser.add_argument("--prune", default="both", choices=["both", "heads", "ffn"],
+                        help="prune attention heads only, the other groups only, or both")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time both models in ONNX Runtime at 128 tokens")
     parser.add_argument("--onnxsim", action="store_true",
                         help="also prune with onnxsim 0.8.1 at the same budget")
     args = parser.parse_args()
@@ -91,20 +143,24 @@ def main() -> None:
                if value is not None}
     start = time.perf_counter()
     calibration_feeds = tokenize(calibration)
+    exclude = excluded_for(path, calibration_feeds, args.prune)
     model, report = compress(str(path), calibration_feeds, flops=args.flops,
-                             calib_samples=args.calib, verify_samples=64, **options)
+                             calib_samples=args.calib, verify_samples=64, exclude=exclude,
+                             **options)
     seconds = time.perf_counter() - start
     print(report.format())
     feeds = tokenize(held_out)
     reference = encoder.embeddings(path, feeds)
     agreement = encoder.embedding_agreement(reference, encoder.embeddings(model, feeds))
     kept = report.cost_after.macs / report.cost_before.macs
-    print(f"\n{title} ({args.graph}), --flops {args.flops}, allocation "
+    print(f"\n{title} ({args.graph}), pruning {args.prune}, --flops {args.flops}, allocation "
           f"{args.allocation or 'default'}, reconstruction layers "
           f"{args.reconstruction_layers or 'default'}: {kept:.3f} of the MACs kept, "
           f"{seconds:.0f} s end to end; on {len(held_out)} held-out sentences: cosine "
           f"{agreement.cosine:.4f}, top-1 neighbour agreement {agreement.top1:.1%}, "
           f"top-10 overlap {agreement.top10:.1%}")
+    if args.latency:
+        print(latency_line(path, model, tokenize(held_out, 128)))
     if args.onnxsim:
         used = {name: value[:args.calib] for name, value in calibration_feeds.items()}
         print(onnxsim_line(str(path), used, feeds, reference, args.flops, model))
