@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_spectral.graph.model import GraphIndex
 from onnx_spectral.ops.attention import keep_heads_of_operand
 from onnx_spectral.ops.base import (
     AnalysisContext,
@@ -148,28 +147,3 @@ class ArithmeticHandler(NoWeights):
             editor.set_input_value(node, position,
                                    np.take(value, kept, axis=value.ndim + member.axis))
 
-
-_PASS_THROUGH_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
-
-
-def residual_sum(graph: GraphIndex, tensor: str) -> str | None:
-    """The residual stream `tensor` writes into: the output of the Add that sums it, after
-    arithmetic with constants only (a bias Add, a scale Mul), with another activation of the
-    same shape; None when it goes anywhere else first."""
-    while tensor not in graph.graph_outputs:
-        readers = graph.consumers.get(tensor, [])
-        if len(readers) != 1:
-            return None
-        node, position = readers[0]
-        if (node.op_type not in _PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx")
-                or len(node.input) != 2 or (node.op_type == "Div" and position != 0)):
-            return None
-        other = node.input[1 - position]
-        if graph.constant(other) is not None:
-            tensor = node.output[0]
-            continue
-        shape = graph.shapes.get(tensor)
-        if node.op_type == "Add" and shape is not None and graph.shapes.get(other) == shape:
-            return node.output[0]
-        return None
-    return None

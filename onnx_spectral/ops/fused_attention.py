@@ -154,6 +154,9 @@ class SkipLayerNormalizationHandler(NoWeights):
 
     op_types: tuple[str, ...] = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
                                  "LayerNormalization", "SimplifiedLayerNormalization")
+    summing: frozenset[str] = frozenset({"SkipLayerNormalization",
+                                         "SkipSimplifiedLayerNormalization"})
+    """The ops that sum their inputs 0 and 1 (the residual stream and what a layer adds)."""
 
     def analyze(self, node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         freeze_inputs(node, ctx, f"{node.op_type} normalizes over the channel axis (the "

@@ -3,9 +3,9 @@
 A group's loss curve (`spectral.GreedyPath.losses`, per calibration row of its tap) is the
 energy its sinks' outputs lose. Groups that write into a residual stream (`streams`) all reach
 the model's output through it, so their losses are compared as they are, over one common
-constant: the mean energy per row of the stream tensors they write into. Any other group is
-compared relative to its own sinks' output energy (`losses[0]`, the loss with every channel
-dropped), since nothing relates its unit to another group's.
+constant: the mean energy per row of the stream tensors their outputs are added to. Any other
+group is compared relative to its own sinks' output energy (`losses[0]`, the loss with every
+channel dropped), since nothing relates its unit to another group's.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from onnx_spectral.streams import stream_writes
 
 def stream_energy(analysis: Analysis, statistics: Statistics) -> float | None:
     """Mean energy per row (squared norm of one position's channels) of the residual stream
-    tensors the groups write into, from their energy taps (or, for a stream tensor that is a
-    group's tap, its Gram trace); None without streams or without their statistics (saved
-    before energy taps existed)."""
+    tensors the groups' outputs are added to, from their energy taps (or, for a stream tensor
+    that is a group's tap, its Gram trace); None without streams or without their statistics
+    (saved before energy taps existed)."""
     graph = analysis.graph
     tapped = {tap.tensor for tap in analysis.taps}
     widths = {}
