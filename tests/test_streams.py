@@ -79,6 +79,18 @@ def test_the_stream_energy_is_the_mean_squared_norm_of_its_rows() -> None:
     analysis = analyze(model)
     expected = float(np.mean(np.sum(feeds["x"].astype(np.float64) ** 2, axis=-1)))
     assert stream_energy(analysis, saved.statistics) == pytest.approx(expected, rel=1e-5)
-    units = loss_units(analysis, saved.statistics, {g.id: 7.0 for g in analysis.base_groups})
-    by_producer = {group.producers: units[group.id] for group in analysis.base_groups}
-    assert by_producer == {("up",): pytest.approx(expected, rel=1e-5), ("head_in",): 7.0}
+    own = {group.id: 7.0 + group.id for group in analysis.base_groups}
+    # one group outside the stream: every group keeps its own unit
+    assert loss_units(analysis, saved.statistics, own) == own
+
+
+def test_groups_that_all_write_into_the_stream_share_its_unit() -> None:
+    model = _residual_mlp_then_head()
+    analysis = analyze(model, exclude=["head_in"])
+    saved = calibrate_statistics(model, [_feeds(64)], calib_samples=64, verify_samples=0,
+                                 exclude=("head_in",))
+    (group,) = analysis.base_groups
+    expected = stream_energy(analysis, saved.statistics)
+    assert expected is not None
+    assert loss_units(analysis, saved.statistics, {group.id: 7.0}) == {
+        group.id: pytest.approx(expected)}

@@ -1,11 +1,13 @@
 """The unit the greedy allocation measures a group's loss in.
 
 A group's loss curve (`spectral.GreedyPath.losses`, per calibration row of its tap) is the
-energy its sinks' outputs lose. Groups that write into a residual stream (`streams`) all reach
-the model's output through it, so their losses are compared as they are, over one common
-constant: the mean energy per row of the stream tensors their outputs are added to. Any other
-group is compared relative to its own sinks' output energy (`losses[0]`, the loss with every
-channel dropped), since nothing relates its unit to another group's.
+energy its sinks' outputs lose. When every group writes into a residual stream (`streams`: a
+transformer's heads and feed-forward widths), all their errors reach the model's output through
+the stream, so their losses are compared as they are, over one common constant: the mean energy
+per row of the stream tensors their outputs are added to. Otherwise (a CNN whose bottlenecks
+end on a residual Add but whose other groups feed convs) each group is compared relative to its
+own sinks' output energy (`losses[0]`, the loss with every channel dropped), since nothing
+relates the unit of a group outside the stream to the stream's.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ def stream_energy(analysis: Analysis, statistics: Statistics) -> float | None:
 
 def loss_units(analysis: Analysis, statistics: Statistics,
                own: Mapping[int, float]) -> dict[int, float]:
-    """Base group id -> what its losses are divided by: the common stream energy for a group
-    that writes into a residual stream, else `own[group id]` (its losses[0])."""
+    """Base group id -> what its losses are divided by: the common stream energy when every
+    group writes into a residual stream (and it was measured), else `own[group id]` (its
+    losses[0])."""
     writes = stream_writes(analysis)
-    common = stream_energy(analysis, statistics) if writes else None
+    everywhere = bool(writes) and all(group.id in writes for group in analysis.base_groups)
+    common = stream_energy(analysis, statistics) if everywhere else None
     tiny = np.finfo(np.float64).tiny
-    return {group.id: max(common if common is not None and group.id in writes
-                          else own[group.id], tiny)
+    return {group.id: max(common if common is not None else own[group.id], tiny)
             for group in analysis.base_groups}
