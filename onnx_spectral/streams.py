@@ -4,13 +4,13 @@ A sink (the linear layer that absorbs a group's reconstruction) whose output, af
 scale, is added to another activation of its shape (`ops.residual.stream_partner`) writes into
 a residual stream: the attention output and the feed-forward down-projection of every
 transformer layer (plain, or summed inside a fused SkipLayerNormalization), the last conv of a
-ResNet bottleneck. The error of such a group reaches the rest of the model through the stream,
-so the greedy allocation compares these groups in the stream's unit
-(`selection.stream_unit`), rather than each relative to its own sink's output.
+ResNet bottleneck. The error of such a group reaches the rest of the model through the stream;
+when every group writes into one, the greedy allocation compares them in the stream's unit
+(`selection.stream_unit`) rather than each relative to its own sink's output.
 
-The stream is measured where the group writes into it, on the tensor it is added to (a post-norm
-transformer's LayerNorm output, often the next layer's tap already). Any other such tensor gets
-an energy tap at calibration: a tap of one channel that reads the whole tensor as one row,
+The stream is measured where a group writes into it, on the tensor its output is added to (a
+post-norm transformer's LayerNorm output). Each such tensor that is not a group's tap already
+gets an energy tap at calibration: a tap of one channel that reads the whole tensor as one row,
 whose 1 x 1 Gram matrix is the sum of its squared values over the calibration samples.
 """
 

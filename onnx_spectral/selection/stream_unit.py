@@ -29,11 +29,12 @@ def stream_energy(analysis: Analysis, statistics: Statistics) -> float | None:
     (saved before energy taps existed)."""
     graph = analysis.graph
     tapped = {tap.tensor for tap in analysis.taps}
-    widths = {}
+    writes = stream_writes(analysis)
+    widths = {}  # stream tensor -> its channels (its writer's sink outputs)
     for group in analysis.base_groups:
-        sink = graph.nodes_by_name[group.taps[0].sinks[0].node] if group.taps else None
-        for stream in stream_writes(analysis).get(group.id, ()):
-            if sink is not None:
+        if group.id in writes and group.taps:
+            sink = graph.nodes_by_name[group.taps[0].sinks[0].node]
+            for stream in writes[group.id]:
                 widths[stream] = require_handler(sink).output_rows(sink, graph).shape[0]
     energies = []
     for stream, width in sorted(widths.items()):
