@@ -146,4 +146,3 @@ class ArithmeticHandler(NoWeights):
                 continue
             editor.set_input_value(node, position,
                                    np.take(value, kept, axis=value.ndim + member.axis))
-
